@@ -1,0 +1,239 @@
+"""One settings model: built-in defaults, then a TOML file, then environment.
+
+Why validate everything at start: a daemon that starts with a bad value fails
+later, at 3 a.m., inside a job. Here a wrong value stops ``serve`` (and
+``check-config``) with one line naming the key and what is allowed.
+
+Feature sections (``[fetch]``, ``[targets.*]``, ``[sources.*]``, ...) are parsed
+by their own modules through :data:`SECTION_VALIDATORS`, so this module does not
+grow with every feature, yet every section is checked before the daemon starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. ``str()`` is the one line shown to the operator."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class KindLimits:
+    """Per-kind timeouts and concurrency."""
+
+    default_timeout_s: float
+    max_timeout_s: float
+    concurrency: int
+
+
+DEFAULT_KIND_LIMITS = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=64)
+BUILTIN_KIND_LIMITS: dict[str, KindLimits] = {
+    "sleep": KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=10_000),
+    "noop": KindLimits(default_timeout_s=60, max_timeout_s=3600, concurrency=10_000),
+    "fetch": KindLimits(default_timeout_s=300, max_timeout_s=3600, concurrency=1),
+    "migration": KindLimits(default_timeout_s=6 * 3600, max_timeout_s=48 * 3600, concurrency=2),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon is configured with."""
+
+    bind_host: str = "127.0.0.1"
+    bind_port: int = 8084
+    state_dir: Path = Path("./var")
+    #: ``None`` means: run the embedded PostgreSQL in ``state_dir/pgdata``.
+    database_url: str | None = None
+    shutdown_grace: float = 20.0
+    #: How many accepted jobs may wait for a worker slot before triggers get 503.
+    queue_size: int = 10_000
+    log_level: str = "INFO"
+    kinds: Mapping[str, KindLimits] = field(default_factory=lambda: dict(BUILTIN_KIND_LIMITS))
+    #: Parsed feature sections, by section name (see SECTION_VALIDATORS).
+    sections: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def bind(self) -> str:
+        return f"{self.bind_host}:{self.bind_port}"
+
+    def limits(self, kind: str) -> KindLimits:
+        return self.kinds.get(kind, DEFAULT_KIND_LIMITS)
+
+    def section(self, name: str) -> Any:
+        return self.sections.get(name)
+
+
+#: name -> function(raw TOML table or None, whole raw config) -> parsed value.
+#: Feature modules register here at import time; every validator runs at start.
+SECTION_VALIDATORS: dict[str, Callable[[Any, Mapping[str, Any]], Any]] = {}
+
+
+def register_section(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        SECTION_VALIDATORS[name] = fn
+        return fn
+
+    return decorate
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(key: str, value: Any) -> float:
+    """Seconds from ``30``, ``1.5``, ``"90s"``, ``"15m"``, ``"2h"``; ``"0"`` is 0."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected seconds or a duration like '15m', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ConfigError(key, f"expected seconds or a duration like '15m', got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(key, f"must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+def parse_positive_int(key: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(key, f"expected a whole number >= {minimum}, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(key, f"expected a whole number >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(key, f"expected a whole number >= {minimum}, got {value!r}")
+    return number
+
+
+def parse_bind(key: str, value: Any) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(key, f"expected HOST:PORT such as 127.0.0.1:8084, got {value!r}")
+    host, _, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(key, f"port must be a number 0-65535, got {port_text!r}") from None
+    if not host or not 0 <= port <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT with a port 0-65535, got {value!r}")
+    return host, port
+
+
+_ENV_KEYS = {
+    "NURSERYD_BIND": "bind",
+    "NURSERYD_STATE_DIR": "state_dir",
+    "NURSERYD_DATABASE_URL": "database_url",
+    "NURSERYD_SHUTDOWN_GRACE": "shutdown_grace",
+    "NURSERYD_QUEUE_SIZE": "queue_size",
+    "NURSERYD_LOG_LEVEL": "log_level",
+}
+_TOP_LEVEL_KEYS = {"bind", "state_dir", "database_url", "shutdown_grace", "queue_size",
+                   "log_level", "kinds"}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+
+
+def load_raw(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("--config", f"{path} is not valid TOML: {error}") from None
+
+
+def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
+    limits = dict(BUILTIN_KIND_LIMITS)
+    if raw is None:
+        return limits
+    if not isinstance(raw, dict):
+        raise ConfigError("kinds", "expected a table of [kinds.NAME] sections")
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"kinds.{name}", "expected a table")
+        base = limits.get(name, DEFAULT_KIND_LIMITS)
+        unknown = set(table) - {"default_timeout_s", "max_timeout_s", "concurrency"}
+        if unknown:
+            raise ConfigError(
+                f"kinds.{name}.{sorted(unknown)[0]}",
+                "unknown key; allowed: default_timeout_s, max_timeout_s, concurrency",
+            )
+        default = parse_duration(f"kinds.{name}.default_timeout_s",
+                                 table.get("default_timeout_s", base.default_timeout_s))
+        maximum = parse_duration(f"kinds.{name}.max_timeout_s",
+                                 table.get("max_timeout_s", base.max_timeout_s))
+        if default <= 0 or maximum <= 0:
+            raise ConfigError(f"kinds.{name}", "timeouts must be > 0")
+        if default > maximum:
+            raise ConfigError(f"kinds.{name}.default_timeout_s",
+                              f"must not exceed max_timeout_s ({maximum:g})")
+        concurrency = parse_positive_int(f"kinds.{name}.concurrency",
+                                         table.get("concurrency", base.concurrency))
+        limits[name] = KindLimits(default, maximum, concurrency)
+    return limits
+
+
+def load_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults < TOML file < environment. Raises :class:`ConfigError`."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("NURSERYD_CONFIG"):
+        path = Path(environ["NURSERYD_CONFIG"])
+    raw = load_raw(path)
+    core = {key: raw[key] for key in raw if key in _TOP_LEVEL_KEYS}
+    for env_name, key in _ENV_KEYS.items():
+        if env_name in environ:
+            core[key] = environ[env_name]
+
+    unknown = [key for key, value in raw.items()
+               if key not in _TOP_LEVEL_KEYS and key not in SECTION_VALIDATORS]
+    if unknown:
+        allowed = sorted(_TOP_LEVEL_KEYS | set(SECTION_VALIDATORS))
+        raise ConfigError(unknown[0], f"unknown key; allowed top-level keys: {', '.join(allowed)}")
+
+    host, port = parse_bind("bind", core.get("bind", "127.0.0.1:8084"))
+    state_dir = core.get("state_dir", "./var")
+    if not isinstance(state_dir, str) or not state_dir:
+        raise ConfigError("state_dir", f"expected a directory path, got {state_dir!r}")
+    database_url = core.get("database_url") or None
+    if database_url is not None and (
+        not isinstance(database_url, str)
+        or not database_url.startswith(("postgresql://", "postgres://"))
+    ):
+        raise ConfigError("database_url", "expected a postgresql:// URL, or unset for the "
+                          "embedded server")
+    grace = parse_duration("shutdown_grace", core.get("shutdown_grace", 20))
+    queue_size = parse_positive_int("queue_size", core.get("queue_size", 10_000))
+    log_level = str(core.get("log_level", "INFO")).upper()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError("log_level", f"expected one of {', '.join(sorted(_LOG_LEVELS))}")
+
+    sections = {name: validate(raw.get(name), raw) for name, validate in SECTION_VALIDATORS.items()}
+    return Settings(
+        bind_host=host,
+        bind_port=port,
+        state_dir=Path(state_dir),
+        database_url=database_url,
+        shutdown_grace=grace,
+        queue_size=queue_size,
+        log_level=log_level,
+        kinds=_parse_kind_limits(core.get("kinds")),
+        sections=sections,
+    )
