@@ -49,4 +49,5 @@ async def test_cancelled_query_is_cancelled_on_server_and_connection_is_healthy(
         for _ in range(db.pool.get_max_size()):
             nursery.start_soon(db.fetchval, "SELECT 1")
     assert db.pool.get_size() <= db.pool.get_max_size()
-    assert await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in%'") == 0
+    idle_in_tx = "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in%'"
+    assert await db.fetchval(idle_in_tx) == 0

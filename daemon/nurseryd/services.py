@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,3 +18,5 @@ class Services:
     db: Database
     kinds: KindRegistry
     supervisor: Supervisor
+    #: Where HTTP listens (``http://127.0.0.1:8084``), known once hypercorn is up.
+    binds: list[str] = field(default_factory=list)

@@ -129,7 +129,9 @@ async def _fetch(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> lis
     return await conn.fetch(sql, *args)
 
 
-async def _fetchrow(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> asyncpg.Record | None:
+async def _fetchrow(
+    conn: asyncpg.Connection, sql: str, args: Sequence[Any]
+) -> asyncpg.Record | None:
     return await conn.fetchrow(sql, *args)
 
 

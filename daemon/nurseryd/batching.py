@@ -1,0 +1,122 @@
+"""Group commit: many tasks' small writes become one database round trip.
+
+A statement through the trio-asyncio bridge costs about four times a plain
+asyncio call (measured), so one INSERT per accepted job or one UPDATE per status
+change caps the daemon at a few hundred jobs per second. A :class:`GroupCommitter`
+collects what arrives while the previous flush is in flight and writes it in
+one call: under light load every write goes out at once (no added latency),
+under heavy load batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import trio
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+class CommitterClosed(RuntimeError):
+    """The committer is not running any more; the write was not made."""
+
+
+@dataclass
+class _Waiter(Generic[R]):
+    done: trio.Event = field(default_factory=trio.Event)
+    result: R | None = None
+    error: BaseException | None = None
+
+
+class GroupCommitter(Generic[T, R]):
+    """Batches items for ``flush(items) -> results`` (one result per item, in order).
+
+    ``run`` must be running in a nursery that outlives every task that submits:
+    a shielded ``submit`` from a job's final status write relies on it.
+    """
+
+    def __init__(
+        self, name: str, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 2000
+    ) -> None:
+        self.name = name
+        self._flush = flush
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, _Waiter[R] | None]] = []
+        self._wakeup = trio.Event()
+        self._closing = False
+        self._stopped = False
+
+    async def submit(self, item: T) -> R:
+        """Queue ``item`` and wait until its batch is committed; returns its result."""
+        waiter: _Waiter[R] = _Waiter()
+        self._enqueue(item, waiter)
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result  # type: ignore[return-value]
+
+    def submit_nowait(self, item: T) -> None:
+        """Queue ``item`` without waiting (progress updates); errors are logged."""
+        self._enqueue(item, None)
+
+    def _enqueue(self, item: T, waiter: _Waiter[R] | None) -> None:
+        if self._stopped or self._closing:
+            raise CommitterClosed(f"{self.name}: no longer accepting writes")
+        self._pending.append((item, waiter))
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Accept nothing more; ``run`` returns once what is pending is written."""
+        self._closing = True
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    continue
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._write(batch)
+        finally:
+            self._stopped = True
+            leftovers, self._pending = self._pending, []
+            for _, waiter in leftovers:
+                if waiter is not None:
+                    waiter.error = CommitterClosed(f"{self.name}: stopped before this write")
+                    waiter.done.set()
+
+    async def _write(self, batch: list[tuple[T, _Waiter[R] | None]]) -> None:
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except Exception as error:
+            log.error("%s: writing a batch of %d failed: %s", self.name, len(batch), error)
+            for _, waiter in batch:
+                if waiter is not None:
+                    waiter.error = error
+                    waiter.done.set()
+            return
+        except BaseException:  # cancelled mid-flush: nobody may wait forever
+            for _, waiter in batch:
+                if waiter is not None:
+                    waiter.error = CommitterClosed(f"{self.name}: cancelled during this write")
+                    waiter.done.set()
+            raise
+        for (_, waiter), result in zip(batch, results, strict=True):
+            if waiter is not None:
+                waiter.result = result
+                waiter.done.set()

@@ -1,0 +1,76 @@
+"""Command-line entry points: ``nurseryd serve`` and ``nurseryd check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import trio
+
+from .config import ConfigError, Settings, load_settings
+
+
+def _load(path: str | None) -> Settings:
+    # Importing the features registers their config sections before validation.
+    from . import features
+
+    features.job_kinds()
+    return load_settings(Path(path) if path else None)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nurseryd", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("serve", "run the daemon until SIGTERM/SIGINT"),
+        ("check-config", "validate the configuration and print the effective settings"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", metavar="FILE", help="TOML configuration file "
+                             "(default: $NURSERYD_CONFIG, else built-in defaults)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = _load(args.config)
+    except ConfigError as error:
+        print(f"nurseryd: {error}", file=sys.stderr)
+        return 2
+
+    if args.command == "check-config":
+        print(f"configuration OK: bind {settings.bind}, state_dir {settings.state_dir}, "
+              f"database {'embedded' if not settings.database_url else 'external'}, "
+              f"shutdown_grace {settings.shutdown_grace:g}s, queue_size {settings.queue_size}")
+        for kind, limits in sorted(settings.kinds.items()):
+            print(f"  kind {kind}: timeout {limits.default_timeout_s:g}s "
+                  f"(max {limits.max_timeout_s:g}s), concurrency {limits.concurrency}")
+        return 0
+
+    _configure_logging(settings.log_level)
+    from .features import StartupError
+    from .root import serve
+
+    try:
+        trio.run(serve, settings)
+    except StartupError as error:
+        print(f"nurseryd: cannot start: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

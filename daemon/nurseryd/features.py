@@ -1,0 +1,53 @@
+"""The one place that lists what the daemon can do: job kinds, HTTP blueprints,
+background tasks and start-up preparations. Adding a feature is adding lines here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from quart import Blueprint
+
+from .kinds.base import JobKind, KindRegistry
+from .services import Services
+
+
+def job_kinds() -> list[JobKind]:
+    from .kinds.sleep import NOOP_KIND, SLEEP_KIND
+
+    kinds = [SLEEP_KIND, NOOP_KIND]
+    # FEATURE-KINDS (one line per feature below)
+    return kinds
+
+
+def blueprints() -> list[Blueprint]:
+    from .http.jobs import blueprint as jobs_blueprint
+
+    found = [jobs_blueprint]
+    # FEATURE-BLUEPRINTS (one line per feature below)
+    return found
+
+
+def startup_preparations() -> list[Callable[[Services], Awaitable[None]]]:
+    """Run once after schema migrations, before HTTP listens; may raise StartupError."""
+    found: list[Callable[[Services], Awaitable[None]]] = []
+    # FEATURE-STARTUP (one line per feature below)
+    return found
+
+
+def background_tasks() -> list[Callable[[Services], Awaitable[None]]]:
+    """Long-running tasks (schedulers); they run until shutdown cancels them."""
+    found: list[Callable[[Services], Awaitable[None]]] = []
+    # FEATURE-BACKGROUND (one line per feature below)
+    return found
+
+
+def build_registry() -> KindRegistry:
+    registry = KindRegistry()
+    for kind in job_kinds():
+        registry.add(kind)
+    return registry
+
+
+class StartupError(RuntimeError):
+    """A start-up check failed; ``str()`` is the one line shown to the operator."""

@@ -1,0 +1,154 @@
+"""The generic job API: trigger, list, inspect, cancel; health and readiness."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from ..lifecycle import Status
+from ..supervisor import JobNotFound
+from .context import get_services
+from .problems import Problem
+
+blueprint = Blueprint("jobs", __name__)
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, default=str), status=status, headers=headers or {},
+                    content_type="application/json")
+
+
+def accepted(job: dict[str, Any]) -> Response:
+    """202 for a newly recorded job, pointing at where to watch it."""
+    return json_response(job, 202, {"Location": f"/jobs/{job['id']}"})
+
+
+async def read_json_object() -> dict[str, Any]:
+    """The request body as a JSON object; an empty body is ``{}``."""
+    raw = await request.get_data()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise Problem(400, f"the body is not valid JSON ({error}); send a JSON object such"
+                      " as {\"seconds\": 5}") from None
+    if not isinstance(body, dict):
+        raise Problem(400, f"expected a JSON object of parameters, got {type(body).__name__}")
+    return body
+
+
+def parse_job_id(raw: str) -> int:
+    try:
+        job_id = int(raw)
+    except ValueError:
+        raise Problem(404, f"job ids are whole numbers, got {raw!r}") from None
+    if job_id <= 0 or job_id > 2**63 - 1:
+        raise Problem(404, f"no job with id {raw}")
+    return job_id
+
+
+def _query_timeout() -> float | None:
+    raw = request.args.get("timeout_s")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise Problem(422, f"timeout_s must be a number of seconds, got {raw!r}",
+                      field="timeout_s") from None
+    if not math.isfinite(value):
+        raise Problem(422, "timeout_s must be finite", field="timeout_s")
+    return value
+
+
+@blueprint.post("/jobs/<kind>")
+async def trigger(kind: str) -> Response:
+    services = get_services()
+    known = services.kinds.get(kind)
+    if known is not None and not known.generic_endpoint:
+        raise Problem(404, f"{kind} jobs are not started through /jobs; use their own endpoint"
+                      " (see docs/api.md)")
+    params = await read_json_object()
+    timeout_s = params.pop("timeout_s", None)
+    if timeout_s is None:
+        timeout_s = _query_timeout()
+    job = await services.supervisor.submit(kind, params, timeout_s=timeout_s)
+    return accepted(job)
+
+
+@blueprint.get("/jobs")
+async def list_jobs() -> Response:
+    from ..db import jobs as jobsdb
+
+    kind = request.args.get("kind") or None
+    statuses = [value for value in request.args.get("status", "").split(",") if value]
+    allowed = {status.value for status in Status}
+    for status in statuses:
+        if status not in allowed:
+            raise Problem(422, f"unknown status {status!r}; use one or more of "
+                          f"{', '.join(sorted(allowed))}, comma-separated", field="status")
+    limit = _int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    before = _int_arg("before", None, 1, 2**63 - 1)
+    rows = await jobsdb.list_jobs(get_services().db, kind=kind, statuses=statuses or None,
+                                  before_id=before, limit=limit)
+    jobs = [jobsdb.job_json(row) for row in rows]
+    body: dict[str, Any] = {"jobs": jobs, "next": None}
+    if len(jobs) == limit:
+        query = [f"before={jobs[-1]['id']}", f"limit={limit}"]
+        if kind:
+            query.append(f"kind={kind}")
+        if statuses:
+            query.append(f"status={','.join(statuses)}")
+        body["next"] = "/jobs?" + "&".join(query)
+    return json_response(body)
+
+
+def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Problem(422, f"{name} must be a whole number, got {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise Problem(422, f"{name} must be between {low} and {high}", field=name)
+    return value
+
+
+@blueprint.get("/jobs/<job_id>")
+async def get_job(job_id: str) -> Response:
+    number = parse_job_id(job_id)
+    job = await get_services().supervisor.get_job(number)
+    if job is None:
+        raise JobNotFound(number)
+    return json_response(job)
+
+
+@blueprint.post("/jobs/<job_id>/cancel")
+async def cancel_job(job_id: str) -> Response:
+    job = await get_services().supervisor.cancel(parse_job_id(job_id))
+    status = 200 if Status(job["status"]).is_terminal else 202
+    return json_response(job, status)
+
+
+@blueprint.get("/healthz")
+async def healthz() -> Response:
+    return json_response({"status": "alive"})
+
+
+@blueprint.get("/readyz")
+async def readyz() -> Response:
+    services = get_services()
+    if services.supervisor.draining:
+        return json_response({"status": "draining"}, 503, {"Retry-After": "5"})
+    if not await services.db.ping():
+        return json_response({"status": "database unreachable"}, 503, {"Retry-After": "5"})
+    return json_response({"status": "ready", **services.supervisor.counts})

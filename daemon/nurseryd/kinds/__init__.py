@@ -1,0 +1,1 @@
+"""Job kinds: one module (or package) each. Nothing here imports ``http``."""

@@ -1,0 +1,64 @@
+"""Diagnostic kinds for operators: ``sleep`` exercises timeouts, cancellation and
+shutdown by hand; ``noop`` measures the supervisor's own overhead."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from .base import JobContext, JobKind, ParamError
+
+#: Upper bound for ``seconds``: a week. Longer is almost certainly a typo.
+MAX_SLEEP_S = 7 * 86400
+
+
+def parse_sleep_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(params) - {"seconds"}
+    if unknown:
+        raise ParamError(sorted(unknown)[0], "unknown parameter; sleep takes only 'seconds'")
+    if "seconds" not in params:
+        raise ParamError("seconds", "required: how long to sleep, e.g. {\"seconds\": 30}")
+    seconds = params["seconds"]
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ParamError("seconds", f"expected a number, got {seconds!r}")
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLEEP_S:
+        raise ParamError("seconds", f"must be between 0 and {MAX_SLEEP_S}")
+    return {"seconds": seconds}
+
+
+async def run_sleep(ctx: JobContext) -> None:
+    """Sleep in one-second steps, reporting progress each second, resuming from the
+    checkpoint after an interruption (so operators can watch resume work too)."""
+    seconds = float(ctx.params["seconds"])
+    steps = math.ceil(seconds)
+    done = int(ctx.checkpoint or 0)
+    ctx.report(total=steps, processed=done)
+    deadline = trio.current_time() + (seconds - done)
+    while done < steps:
+        await trio.sleep_until(min(deadline, trio.current_time() + 1.0))
+        done += 1
+        ctx.report(processed=done)
+        if done < steps:
+            await ctx.save_checkpoint(done)
+    ctx.set_result({"slept_s": seconds})
+
+
+async def run_noop(ctx: JobContext) -> None:
+    await trio.lowlevel.checkpoint()
+
+
+SLEEP_KIND = JobKind(
+    name="sleep", run=run_sleep, parse_params=parse_sleep_params,
+    description="sleeps {seconds}, reporting progress every second",
+)
+
+
+def _parse_noop(params: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(params)
+
+
+NOOP_KIND = JobKind(name="noop", run=run_noop, parse_params=_parse_noop,
+                    description="does nothing; for measuring overhead")

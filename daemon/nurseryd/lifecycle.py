@@ -1,0 +1,108 @@
+"""Job statuses and the transitions between them, as data.
+
+Like h11's connection state machine, this module only *decides*: given where a
+job is and what happened, it answers where the job goes, or refuses. The
+supervisor and the database layer act on the answer. Keeping the table free of
+I/O lets every rule be tested with plain function calls.
+
+::
+
+    queued ──start──▶ running ──complete──▶ completed
+      │                 │ ├──fail────────▶ failed
+      │                 │ ├──time_out────▶ timed_out
+      │                 │ └──cancel──────▶ cancelled
+      │                 └──interrupt / recover──▶ queued   (shutdown, or a dead owner)
+      └──cancel──▶ cancelled
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+class Event(StrEnum):
+    START = "start"
+    COMPLETE = "complete"
+    FAIL = "fail"
+    TIME_OUT = "time_out"
+    CANCEL = "cancel"
+    #: The daemon is shutting down and stopped the job; it runs again after restart.
+    INTERRUPT = "interrupt"
+    #: The process that ran the job died (SIGKILL, OOM); found at the next start.
+    RECOVER = "recover"
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
+ACTIVE = frozenset({Status.QUEUED, Status.RUNNING})
+
+TRANSITIONS: dict[tuple[Status, Event], Status] = {
+    (Status.QUEUED, Event.START): Status.RUNNING,
+    (Status.QUEUED, Event.CANCEL): Status.CANCELLED,
+    (Status.RUNNING, Event.COMPLETE): Status.COMPLETED,
+    (Status.RUNNING, Event.FAIL): Status.FAILED,
+    (Status.RUNNING, Event.TIME_OUT): Status.TIMED_OUT,
+    (Status.RUNNING, Event.CANCEL): Status.CANCELLED,
+    (Status.RUNNING, Event.INTERRUPT): Status.QUEUED,
+    (Status.RUNNING, Event.RECOVER): Status.QUEUED,
+}
+
+
+class InvalidTransition(ValueError):
+    def __init__(self, status: Status, event: Event) -> None:
+        super().__init__(f"a {status.value} job cannot {event.value}")
+        self.status = status
+        self.event = event
+
+
+def next_status(status: Status, event: Event) -> Status:
+    """Where a job in ``status`` goes on ``event``; raises :class:`InvalidTransition`."""
+    try:
+        return TRANSITIONS[(status, event)]
+    except KeyError:
+        raise InvalidTransition(status, event) from None
+
+
+def can(status: Status, event: Event) -> bool:
+    return (status, event) in TRANSITIONS
+
+
+def statuses_allowing(event: Event) -> frozenset[Status]:
+    """The statuses from which ``event`` is allowed: used to guard SQL updates."""
+    return frozenset(status for (status, each), _ in TRANSITIONS.items() if each is event)
+
+
+class StopReason(StrEnum):
+    """Why the supervisor cancelled a job's scope; decides the event that follows."""
+
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+    TIMEOUT = "timeout"
+
+
+def event_for_ending(*, raised: bool, cancelled: bool, reason: StopReason | None) -> Event:
+    """The event a finished job attempt produces.
+
+    ``cancelled`` is whether the job's own scope caught a cancellation; ``reason``
+    is what the supervisor recorded when it cancelled the scope (``None`` if the
+    scope's deadline expired on its own).
+    """
+    if cancelled:
+        if reason is StopReason.CANCEL:
+            return Event.CANCEL
+        if reason is StopReason.SHUTDOWN:
+            return Event.INTERRUPT
+        return Event.TIME_OUT
+    return Event.FAIL if raised else Event.COMPLETE

@@ -1,0 +1,171 @@
+"""The process's one tree of tasks.
+
+::
+
+    trio.run
+    └── trio_asyncio.open_loop          (asyncpg's event loop)
+        └── PostgreSQL (embedded or configured) → pool → schema migrations
+            └── root nursery
+                ├── supervisor.run       (job nursery: every job, each in its cancel scope)
+                ├── hypercorn serve      (HTTP; handlers only submit into the channel)
+                └── aux nursery          (signals, systemd watchdog/status, schedulers)
+
+Shutdown runs top-down: a signal stops intake and drains the supervisor (grace,
+then cancel, statuses written shielded); only when every job has ended is
+hypercorn told to stop, so status requests are answered during the whole drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+import asyncpg
+import trio
+import trio_asyncio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from . import features
+from .config import Settings
+from .db import Database, open_database
+from .db import jobs as jobsdb
+from .db.embedded import open_embedded_server
+from .db.migrate import apply_migrations
+from .http.app import create_app
+from .services import Services
+from .supervisor import Supervisor
+from .systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def open_postgres_dsn(settings: Settings) -> AsyncIterator[str]:
+    """The configured database URL, or the embedded server's when none is set."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    async with open_embedded_server(settings.state_dir) as server:
+        yield server.dsn
+
+
+@asynccontextmanager
+async def hold_owner_lock(db: Database, owner: str) -> AsyncIterator[None]:
+    """Hold this instance's advisory lock on a dedicated connection for its life.
+
+    Other instances (and our own next start) treat an owner whose lock is free as
+    dead and take over its unfinished jobs at once: see ``jobs.adopt_orphans``.
+    """
+    loop = db._loop
+
+    async def _connect() -> asyncpg.Connection:
+        conn = await asyncpg.connect(db.dsn)
+        await jobsdb.hold_owner_lock(conn, owner)
+        return conn
+
+    conn = await trio_asyncio.aio_as_trio(_connect, loop=loop)()
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await trio_asyncio.aio_as_trio(conn.close, loop=loop)()
+
+
+def _hypercorn_config(settings: Settings) -> HyperConfig:
+    config = HyperConfig()
+    config.bind = [settings.bind]
+    config.graceful_timeout = 1.0
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 30
+    return config
+
+
+async def serve(
+    settings: Settings,
+    *,
+    notifier: Notifier | None = None,
+    task_status: trio.TaskStatus[Services | list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT (or ``services.supervisor.request_stop()``)."""
+    notifier = notifier or Notifier()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with (
+            trio_asyncio.open_loop(),
+            open_postgres_dsn(settings) as dsn,
+            open_database(dsn) as db,
+        ):
+            await apply_migrations(db)
+            async with hold_owner_lock(db, owner):
+                kinds = features.build_registry()
+                supervisor = Supervisor(db, settings, kinds, owner)
+                services = Services(settings=settings, db=db, kinds=kinds, supervisor=supervisor)
+                for prepare in features.startup_preparations():
+                    await prepare(services)
+                await _run_tree(services, notifier, signals, task_status)
+    notifier.close()
+
+
+async def _run_tree(
+    services: Services,
+    notifier: Notifier,
+    signals: AsyncIterator[int],
+    task_status: trio.TaskStatus[Services | list[str]],
+) -> None:
+    supervisor = services.supervisor
+    settings = services.settings
+    supervisor_done = trio.Event()
+    http_stop = trio.Event()
+
+    async def run_supervisor(*, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await supervisor.run(task_status=task_status)
+        finally:
+            supervisor_done.set()
+
+    async def watch_signals(aux: trio.Nursery) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if supervisor.draining:
+                log.warning("%s again: ending the grace period now", name)
+            else:
+                log.info("%s: draining (grace %gs)", name, settings.shutdown_grace)
+                notifier.stopping(f"draining: {supervisor.counts['running']} job(s) running")
+                aux.start_soon(notifier.extend_while_draining)
+            supervisor.request_stop()
+
+    def describe() -> str:
+        counts = supervisor.counts
+        state = "draining" if supervisor.draining else "serving"
+        return f"{state}: {counts['running']} running, {counts['queued']} queued"
+
+    app = create_app(services)
+    async with trio.open_nursery() as root:
+        await root.start(run_supervisor)
+        binds = await root.start(
+            partial(hypercorn_serve, app, _hypercorn_config(settings),
+                    shutdown_trigger=http_stop.wait)
+        )
+        log.info("listening on %s", ", ".join(binds))
+        services.binds = binds
+        async with trio.open_nursery() as aux:
+            aux.start_soon(watch_signals, aux)
+            aux.start_soon(notifier.keep_watchdog_fed)
+            aux.start_soon(notifier.report_status, describe)
+            for background in features.background_tasks():
+                aux.start_soon(background, services)
+            notifier.ready(describe())
+            task_status.started(services)
+            await supervisor_done.wait()
+            aux.cancel_scope.cancel()
+        http_stop.set()
+    log.info("stopped")

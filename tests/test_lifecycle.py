@@ -1,0 +1,74 @@
+"""The job state machine, as plain data: no I/O, no Trio."""
+
+from __future__ import annotations
+
+import pytest
+
+from nurseryd.lifecycle import (
+    ACTIVE,
+    TERMINAL,
+    Event,
+    InvalidTransition,
+    Status,
+    StopReason,
+    event_for_ending,
+    next_status,
+    statuses_allowing,
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "event", "expected"),
+    [
+        (Status.QUEUED, Event.START, Status.RUNNING),
+        (Status.QUEUED, Event.CANCEL, Status.CANCELLED),
+        (Status.RUNNING, Event.COMPLETE, Status.COMPLETED),
+        (Status.RUNNING, Event.FAIL, Status.FAILED),
+        (Status.RUNNING, Event.TIME_OUT, Status.TIMED_OUT),
+        (Status.RUNNING, Event.CANCEL, Status.CANCELLED),
+        (Status.RUNNING, Event.INTERRUPT, Status.QUEUED),
+        (Status.RUNNING, Event.RECOVER, Status.QUEUED),
+    ],
+)
+def test_allowed_transitions(status: Status, event: Event, expected: Status) -> None:
+    assert next_status(status, event) is expected
+
+
+@pytest.mark.parametrize("status", sorted(TERMINAL))
+@pytest.mark.parametrize("event", list(Event))
+def test_terminal_statuses_are_final(status: Status, event: Event) -> None:
+    with pytest.raises(InvalidTransition, match=f"a {status.value} job cannot"):
+        next_status(status, event)
+
+
+def test_a_queued_job_cannot_finish_without_running() -> None:
+    for event in (Event.COMPLETE, Event.FAIL, Event.TIME_OUT, Event.INTERRUPT):
+        with pytest.raises(InvalidTransition):
+            next_status(Status.QUEUED, event)
+
+
+def test_active_and_terminal_partition_the_statuses() -> None:
+    assert ACTIVE | TERMINAL == set(Status)
+    assert not ACTIVE & TERMINAL
+    assert all(status.is_terminal for status in TERMINAL)
+
+
+def test_cancel_is_allowed_exactly_from_the_active_statuses() -> None:
+    assert statuses_allowing(Event.CANCEL) == ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("raised", "cancelled", "reason", "expected"),
+    [
+        (False, False, None, Event.COMPLETE),
+        (True, False, None, Event.FAIL),
+        (False, True, None, Event.TIME_OUT),  # the scope's deadline fired by itself
+        (False, True, StopReason.TIMEOUT, Event.TIME_OUT),
+        (False, True, StopReason.CANCEL, Event.CANCEL),
+        (False, True, StopReason.SHUTDOWN, Event.INTERRUPT),
+        # A job that raised while being cancelled is still a cancellation.
+        (True, True, StopReason.CANCEL, Event.CANCEL),
+    ],
+)
+def test_how_an_attempt_ended(raised, cancelled, reason, expected) -> None:
+    assert event_for_ending(raised=raised, cancelled=cancelled, reason=reason) is expected
