@@ -1,0 +1,83 @@
+"""The fetch aggregator: configured HTTP sources (JSON, RSS, Atom) into the items table.
+
+- :data:`FETCH_KIND` is the job kind (not startable through ``POST /jobs/fetch``:
+  ``POST /fetch`` owns the one-at-a-time rule and its 409).
+- :func:`run_fetch_schedule` is the background task that starts fetches every
+  ``fetch.interval``.
+
+Importing this package registers the ``[fetch]`` config section.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..base import JobKind
+from .config import FetchConfig, parse_fetch_section
+from .job import parse_fetch_params, run_fetch
+from .schedule import schedule_loop
+
+if TYPE_CHECKING:
+    from ...services import Services
+
+log = logging.getLogger("nurseryd.fetch.schedule")
+
+FETCH_KIND = JobKind(
+    name="fetch",
+    run=run_fetch,
+    parse_params=parse_fetch_params,
+    generic_endpoint=False,
+    description="Fetch every configured source (JSON, RSS, Atom) and upsert its items; "
+                "one at a time, started by POST /fetch or the schedule.",
+)
+
+
+def fetch_config(services: Services) -> FetchConfig:
+    return services.settings.section("fetch") or FetchConfig()
+
+
+async def submit_fetch(services: Services, trigger: str) -> dict[str, Any]:
+    """Start a fetch job; raises ``JobConflict`` if one is already queued or running."""
+    config = fetch_config(services)
+    return await services.supervisor.submit("fetch", {"trigger": trigger},
+                                            timeout_s=config.timeout_s)
+
+
+async def seconds_since_last_fetch(services: Services) -> float | None:
+    return await services.db.fetchval(
+        "SELECT extract(epoch FROM now() - max(created_at))::float8 FROM jobs"
+        " WHERE kind = 'fetch'"
+    )
+
+
+async def run_fetch_schedule(services: Services) -> None:
+    """Start a fetch every ``fetch.interval`` until cancelled (at shutdown)."""
+    from ...supervisor import JobConflict
+
+    config = fetch_config(services)
+    if not config.interval_s or not config.sources:
+        log.info("fetch schedule off (fetch.interval is 0 or no sources are configured)")
+        return
+
+    async def tick() -> None:
+        try:
+            job = await submit_fetch(services, "schedule")
+        except JobConflict:
+            log.info("scheduled fetch skipped: a fetch is already queued or running")
+        except Exception:
+            log.exception("scheduled fetch could not be started; next tick will try again")
+        else:
+            log.info("scheduled fetch started as job %s", job["id"])
+
+    try:
+        since_last = await seconds_since_last_fetch(services)
+    except Exception:
+        log.exception("could not read the latest fetch time; scheduling from now")
+        since_last = None
+    log.info("fetch schedule on: every %g s", config.interval_s)
+    await schedule_loop(interval=config.interval_s, run_at_start=config.run_at_start,
+                        since_last=since_last, trigger=tick)
+
+
+__all__ = ["FETCH_KIND", "parse_fetch_section", "run_fetch_schedule", "submit_fetch"]

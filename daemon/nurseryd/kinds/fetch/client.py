@@ -1,0 +1,230 @@
+"""HTTP for the fetch: one GET with retries, back-off, a size cap and validators.
+
+Logic and I/O are kept apart the way h11/httpx do it: what a status means, how
+long to wait before a retry and how to read ``Retry-After`` are pure functions
+(tested with plain values); :func:`get_page` only moves bytes and applies them.
+
+Time budget: the caller runs :func:`get_page` inside the source's cancel scope
+(``trio.move_on_at(deadline)``) and passes the same ``deadline`` so that a retry
+whose wait would not fit in the budget gives up at once instead of sleeping into
+the timeout. httpx's own timeouts are off: one mechanism, the cancel scope, ends a
+request, and it ends it at once (the socket is closed, nothing keeps running).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+
+import httpx
+import trio
+
+#: 5xx statuses that say "not now" rather than "never" (501 and 505 are permanent).
+_TRANSIENT_5XX_EXCLUDED = {501, 505}
+
+
+class StatusClass(Enum):
+    OK = "ok"
+    NOT_MODIFIED = "not_modified"
+    RETRY = "retry"
+    FAIL = "fail"
+
+
+def classify_status(status: int) -> StatusClass:
+    """What to do with a final (post-redirect) response status."""
+    if 200 <= status < 300:
+        return StatusClass.OK
+    if status == 304:
+        return StatusClass.NOT_MODIFIED
+    if status in (408, 429) or (500 <= status < 600 and status not in _TRANSIENT_5XX_EXCLUDED):
+        return StatusClass.RETRY
+    return StatusClass.FAIL
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """Connection trouble is worth another try; a bad URL, a redirect loop or a
+    body we cannot decode is not."""
+    return isinstance(error, httpx.NetworkError | httpx.TimeoutException
+                      | httpx.RemoteProtocolError)
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def backoff_delay(attempt: int, base: float, cap: float, fraction: float) -> float:
+    """Exponential back-off with full jitter: uniform in [0, min(cap, base·2^(attempt-1))).
+
+    ``attempt`` is the number of the attempt that just failed (1 for the first);
+    ``fraction`` in [0, 1) is the random draw, passed in so this stays pure.
+    """
+    return fraction * min(cap, base * 2 ** (attempt - 1))
+
+
+def retry_delay(
+    attempt: int,
+    *,
+    max_attempts: int,
+    retry_after: float | None,
+    base: float,
+    cap: float,
+    remaining: float,
+    fraction: float,
+) -> float | None:
+    """How long to wait before the next attempt, or ``None`` to give up now.
+
+    A server's ``Retry-After`` is honoured as given (not capped: asking sooner is
+    rude and usually refused again); if the wait does not fit in what is left of
+    the source's budget there is no point in sleeping, so give up at once.
+    """
+    if attempt >= max_attempts:
+        return None
+    delay = retry_after if retry_after is not None else backoff_delay(attempt, base, cap, fraction)
+    if delay >= remaining:
+        return None
+    return delay
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    base: float = 0.5
+    cap: float = 30.0
+
+
+@dataclass(frozen=True)
+class Page:
+    """A response worth looking at: 2xx with its body, or 304 with none."""
+
+    status: int
+    url: str
+    body: bytes
+    content_type: str | None
+    etag: str | None
+    last_modified: str | None
+    attempts: int
+
+    @property
+    def not_modified(self) -> bool:
+        return self.status == 304
+
+
+class FetchError(Exception):
+    """A source could not be fetched; ``str()`` is shown in the job result."""
+
+    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
+    """The decoded body, refusing more than ``max_bytes`` (counted after
+    decompression, so a small gzip bomb is refused too)."""
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _TooLarge(f"response is {int(declared)} bytes, over the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _TooLarge(f"response exceeded the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def get_page(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    max_bytes: int,
+    deadline: float,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+) -> Page:
+    """GET ``url`` with retries; returns a 2xx or 304 :class:`Page` or raises :class:`FetchError`.
+
+    Redirects are followed by the client (its ``max_redirects`` turns a loop into
+    a :class:`FetchError`). Cancellation (the source or job scope) propagates.
+    """
+    rng = rng or random.Random()
+    attempt = 0
+    while True:
+        attempt += 1
+        retry_after: float | None = None
+        try:
+            async with client.stream("GET", url, headers=dict(headers)) as response:
+                verdict = classify_status(response.status_code)
+                if verdict is StatusClass.OK or verdict is StatusClass.NOT_MODIFIED:
+                    body = b"" if verdict is StatusClass.NOT_MODIFIED else await _read_capped(
+                        response, max_bytes)
+                    return Page(
+                        status=response.status_code,
+                        url=str(response.url),
+                        body=body,
+                        content_type=response.headers.get("content-type"),
+                        etag=response.headers.get("etag"),
+                        last_modified=response.headers.get("last-modified"),
+                        attempts=attempt,
+                    )
+                failure = FetchError(f"HTTP {response.status_code} from {response.url}",
+                                     status=response.status_code, attempts=attempt)
+                if verdict is StatusClass.FAIL:
+                    raise failure
+                retry_after = parse_retry_after(response.headers.get("retry-after"),
+                                                datetime.now(UTC))
+        except _TooLarge as error:
+            raise FetchError(str(error), status=200, attempts=attempt) from None
+        except httpx.TooManyRedirects:
+            raise FetchError(f"too many redirects (a redirect loop?) from {url}",
+                             attempts=attempt) from None
+        except httpx.HTTPError as error:
+            if not is_transient_error(error):
+                raise FetchError(f"{type(error).__name__}: {error}", attempts=attempt) from None
+            failure = FetchError(f"{type(error).__name__}: {error or 'connection failed'}",
+                                 attempts=attempt)
+        delay = retry_delay(
+            attempt, max_attempts=policy.max_attempts, retry_after=retry_after,
+            base=policy.base, cap=policy.cap, remaining=deadline - trio.current_time(),
+            fraction=rng.random(),
+        )
+        if delay is None:
+            if attempt > 1:
+                failure.args = (f"{failure} (gave up after {attempt} attempts)",)
+            raise failure
+        await trio.sleep(delay)
+
+
+def open_client(*, concurrency: int, user_agent: str, max_redirects: int = 5) -> httpx.AsyncClient:
+    """One client per fetch job: a connection pool shared by its sources."""
+    return httpx.AsyncClient(
+        follow_redirects=True,
+        max_redirects=max_redirects,
+        timeout=None,
+        headers={"User-Agent": user_agent, "Accept-Encoding": "gzip, deflate"},
+        limits=httpx.Limits(max_connections=max(concurrency * 2, 10),
+                            max_keepalive_connections=concurrency),
+        trust_env=False,
+    )
