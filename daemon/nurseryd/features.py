@@ -13,9 +13,9 @@ from .services import Services
 
 
 def job_kinds() -> list[JobKind]:
-    from .kinds.sleep import NOOP_KIND, SLEEP_KIND
+    from .kinds.sleep import NOOP_KIND, SLEEP_KIND, SQL_SLEEP_KIND
 
-    kinds = [SLEEP_KIND, NOOP_KIND]
+    kinds = [SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND]
     # FEATURE-KINDS (one line per feature below)
     return kinds
 

@@ -81,7 +81,9 @@ async def hold_owner_lock(db: Database, owner: str) -> AsyncIterator[None]:
 def _hypercorn_config(settings: Settings) -> HyperConfig:
     config = HyperConfig()
     config.bind = [settings.bind]
-    config.graceful_timeout = 1.0
+    # Requests that arrived during the drain have been answered by now; this only
+    # bounds how long idle keep-alive connections may hold the exit up.
+    config.graceful_timeout = 0.25
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30

@@ -52,8 +52,6 @@ def _stop(pgdata: Path) -> None:
     server = PostgresServer._instances.get(pgdata.resolve())
     user = server.system_user if server is not None else None
     _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=30)
-    if server is not None:
-        PostgresServer._instances.pop(pgdata.resolve(), None)
 
 
 @asynccontextmanager

@@ -46,6 +46,14 @@ async def run_sleep(ctx: JobContext) -> None:
     ctx.set_result({"slept_s": seconds})
 
 
+async def run_sql_sleep(ctx: JobContext) -> None:
+    """One long statement on the server: shows that cancelling a job cancels its
+    query on the server too (nothing left in ``pg_stat_activity``)."""
+    ctx.report(total=1, processed=0)
+    await ctx.db.execute("SELECT pg_sleep($1)", float(ctx.params["seconds"]))
+    ctx.report(processed=1)
+
+
 async def run_noop(ctx: JobContext) -> None:
     await trio.lowlevel.checkpoint()
 
@@ -53,6 +61,12 @@ async def run_noop(ctx: JobContext) -> None:
 SLEEP_KIND = JobKind(
     name="sleep", run=run_sleep, parse_params=parse_sleep_params,
     description="sleeps {seconds}, reporting progress every second",
+)
+
+
+SQL_SLEEP_KIND = JobKind(
+    name="sql_sleep", run=run_sql_sleep, parse_params=parse_sleep_params,
+    description="runs SELECT pg_sleep({seconds}) as one statement",
 )
 
 
