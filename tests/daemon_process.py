@@ -34,6 +34,7 @@ from nurseryd import features
 from nurseryd.config import Settings, load_settings
 from nurseryd.root import serve
 from nurseryd.services import Services
+from tests.polling import eventually
 
 
 def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Settings:
@@ -57,13 +58,13 @@ class InProcessDaemon:
         return self.services.supervisor
 
     async def wait_for_status(self, job_id: int, *statuses: str, timeout: float = 10) -> dict:
-        """Poll the public API until the job reaches one of ``statuses``."""
-        with trio.fail_after(timeout):
-            while True:
-                job = (await self.client.get(f"/jobs/{job_id}")).json()
-                if job["status"] in statuses:
-                    return job
-                await trio.sleep(0.01)
+        """Ask the public API until the job reaches one of ``statuses``."""
+
+        async def reached() -> dict | None:
+            job = (await self.client.get(f"/jobs/{job_id}")).json()
+            return job if job["status"] in statuses else None
+
+        return await eventually(reached, timeout=timeout, interval=0.01)
 
 
 @asynccontextmanager
@@ -144,13 +145,14 @@ class DaemonProcess:
 
     async def wait_ready(self) -> None:
         async with httpx.AsyncClient(base_url=self.base_url, timeout=2) as client:
-            while True:
+
+            async def ready() -> bool:
                 try:
-                    if (await client.get("/readyz")).status_code == 200:
-                        return
+                    return (await client.get("/readyz")).status_code == 200
                 except httpx.TransportError:
-                    pass
-                await trio.sleep(0.02)
+                    return False
+
+            await eventually(ready, timeout=30)
 
     def client(self, timeout: float = 10) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=timeout)

@@ -13,6 +13,7 @@ import psutil
 import trio
 
 from tests.daemon_process import DaemonProcess
+from tests.polling import eventually
 
 
 def _env(database_url: str, state_dir: Path, **extra: str) -> dict[str, str]:
@@ -21,12 +22,11 @@ def _env(database_url: str, state_dir: Path, **extra: str) -> dict[str, str]:
 
 
 async def _wait_status(client, job_id: int, *statuses: str, timeout: float = 15) -> dict:
-    with trio.fail_after(timeout):
-        while True:
-            job = (await client.get(f"/jobs/{job_id}")).json()
-            if job["status"] in statuses:
-                return job
-            await trio.sleep(0.02)
+    async def reached() -> dict | None:
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        return job if job["status"] in statuses else None
+
+    return await eventually(reached, timeout=timeout)
 
 
 async def test_sigterm_requeues_the_running_job_and_restart_completes_it(
@@ -36,9 +36,10 @@ async def test_sigterm_requeues_the_running_job_and_restart_completes_it(
     async with DaemonProcess.start(env) as daemon, daemon.client() as client:
         job = (await client.post("/jobs/sleep", json={"seconds": 3})).json()
         running = await _wait_status(client, job["id"], "running")
-        with trio.fail_after(5):  # let it commit one checkpoint
-            while (await client.get(f"/jobs/{job['id']}")).json()["processed"] < 1:
-                await trio.sleep(0.05)
+        async def checkpointed() -> bool:  # let it commit one checkpoint
+            return (await client.get(f"/jobs/{job['id']}")).json()["processed"] >= 1
+
+        await eventually(checkpointed, timeout=5)
         started = trio.current_time()
         daemon.send_signal(signal.SIGTERM)
         code = await daemon.wait()
@@ -80,9 +81,10 @@ async def test_second_signal_ends_the_grace_early(database_url: str, state_dir: 
         job = (await client.post("/jobs/sleep", json={"seconds": 60})).json()
         await _wait_status(client, job["id"], "running")
         daemon.send_signal(signal.SIGTERM)
-        with trio.fail_after(5):
-            while (await client.get("/readyz")).status_code != 503:
-                await trio.sleep(0.02)
+        async def draining() -> bool:
+            return (await client.get("/readyz")).status_code == 503
+
+        await eventually(draining, timeout=5)
         daemon.send_signal(signal.SIGINT)
         assert await daemon.wait(timeout=5) == 0
     assert "ending the grace period now" in daemon.log_text()
@@ -106,9 +108,10 @@ async def test_systemd_notifications_arrive_in_order(
         async with DaemonProcess.start(env) as daemon, daemon.client() as client:
             job = (await client.post("/jobs/sleep", json={"seconds": 30})).json()
             await _wait_status(client, job["id"], "running")
-            with trio.fail_after(5):  # the watchdog is fed every WATCHDOG_USEC/2
-                while sum(message == "WATCHDOG=1" for message in messages) < 3:
-                    await trio.sleep(0.02)
+            async def fed_three_times() -> bool:  # fed every WATCHDOG_USEC/2
+                return sum(message == "WATCHDOG=1" for message in messages) >= 3
+
+            await eventually(fed_three_times, timeout=5)
             daemon.send_signal(signal.SIGTERM)
             assert await daemon.wait() == 0
         await trio.sleep(0.05)  # the socket is local: let the last datagrams land
@@ -138,10 +141,13 @@ async def test_embedded_server_left_by_sigkill_is_adopted_then_stopped(state_dir
         assert await again.wait() == 0
     assert "adopted from an earlier run" in again.log_text()
     assert f"pid {postmaster_pid}" in again.log_text()
-    with trio.fail_after(5):
-        while psutil.pid_exists(postmaster_pid) and psutil.Process(
-                postmaster_pid).status() != psutil.STATUS_ZOMBIE:
-            await trio.sleep(0.05)
+    async def postmaster_gone() -> bool:
+        try:
+            return psutil.Process(postmaster_pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    await eventually(postmaster_gone, timeout=5)
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,7 @@ import trio
 
 from nurseryd.config import KindLimits
 from tests.daemon_process import InProcessDaemon, make_settings, run_daemon
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -54,11 +55,10 @@ async def test_cancel_running_job_inside_long_sql_query(daemon: InProcessDaemon)
     job = (await daemon.client.post("/jobs/sql_sleep", json={"seconds": 60})).json()
     await daemon.wait_for_status(job["id"], "running")
     db = daemon.services.db
-    with trio.fail_after(5):  # wait until its query is really on the server
-        while not await db.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
-        ):
-            await trio.sleep(0.01)
+    sleeping_queries = (
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
+    )
+    await eventually(lambda: db.fetchval(sleeping_queries), timeout=5)  # really on the server
     started = trio.current_time()
     response = await daemon.client.post(f"/jobs/{job['id']}/cancel")
     elapsed = trio.current_time() - started
@@ -66,9 +66,7 @@ async def test_cancel_running_job_inside_long_sql_query(daemon: InProcessDaemon)
     assert response.json()["status"] == "cancelled"
     assert response.json()["cancel_requested_at"] is not None
     assert elapsed < 0.1, f"cancel took {elapsed * 1000:.0f} ms"
-    assert await db.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
-    ) == 0
+    assert await db.fetchval(sleeping_queries) == 0
     assert await db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
     ) == 0
