@@ -17,6 +17,8 @@ def job_kinds() -> list[JobKind]:
 
     kinds = [SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND]
     # FEATURE-KINDS (one line per feature below)
+    from .kinds.fetch import FETCH_KIND
+    kinds.append(FETCH_KIND)
     return kinds
 
 
@@ -25,6 +27,8 @@ def blueprints() -> list[Blueprint]:
 
     found = [jobs_blueprint]
     # FEATURE-BLUEPRINTS (one line per feature below)
+    from .http.fetch import blueprint as fetch_blueprint
+    found.append(fetch_blueprint)
     return found
 
 
@@ -39,6 +43,8 @@ def background_tasks() -> list[Callable[[Services], Awaitable[None]]]:
     """Long-running tasks (schedulers); they run until shutdown cancels them."""
     found: list[Callable[[Services], Awaitable[None]]] = []
     # FEATURE-BACKGROUND (one line per feature below)
+    from .kinds.fetch import run_fetch_schedule
+    found.append(run_fetch_schedule)
     return found
 
 

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...config import ConfigError, parse_duration, parse_positive_int, register_section
+from ...config import (
+    BUILTIN_KIND_LIMITS,
+    ConfigError,
+    parse_duration,
+    parse_positive_int,
+    register_section,
+)
 
 FORMATS = ("json", "rss", "atom")
 #: Normalised item fields a JSON source may map (``company`` is an alias of ``author``).
@@ -239,6 +245,16 @@ def parse_source(
     )
 
 
+def _max_fetch_timeout(whole: Mapping[str, Any]) -> float:
+    """The supervisor refuses a job timeout above ``[kinds.fetch] max_timeout_s``;
+    say so at start rather than at the first fetch."""
+    kinds = whole.get("kinds")
+    table = kinds.get("fetch") if isinstance(kinds, dict) else None
+    if isinstance(table, dict) and "max_timeout_s" in table:
+        return parse_duration("kinds.fetch.max_timeout_s", table["max_timeout_s"])
+    return BUILTIN_KIND_LIMITS["fetch"].max_timeout_s
+
+
 @register_section("fetch")
 def parse_fetch_section(raw: Any, whole: Mapping[str, Any] | None = None) -> FetchConfig:
     """Validate ``[fetch]``; an absent section means no sources and no schedule."""
@@ -253,6 +269,10 @@ def parse_fetch_section(raw: Any, whole: Mapping[str, Any] | None = None) -> Fet
     timeout = parse_duration("fetch.timeout_s", raw.get("timeout_s", DEFAULT_TIMEOUT_S))
     if timeout <= 0:
         raise ConfigError("fetch.timeout_s", "must be > 0")
+    limit = _max_fetch_timeout(whole or {})
+    if timeout > limit:
+        raise ConfigError("fetch.timeout_s", f"must not exceed kinds.fetch.max_timeout_s "
+                          f"({limit:g} s); raise that too if a fetch really needs longer")
     backoff = parse_duration("fetch.backoff_s", raw.get("backoff_s", 0.5))
     backoff_max = parse_duration("fetch.backoff_max_s", raw.get("backoff_max_s", 30))
     if backoff_max < backoff:

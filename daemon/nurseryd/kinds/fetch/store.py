@@ -147,3 +147,15 @@ async def save_source_state(
 
 async def source_states(db: Database) -> dict[str, dict[str, Any]]:
     return {row["name"]: dict(row) for row in await db.fetch(SOURCE_STATES)}
+
+
+async def active_fetch_id(db: Database) -> int | None:
+    """The queued or running fetch job (at most one: see ``jobs_one_active_fetch``)."""
+    return await db.fetchval(
+        "SELECT id FROM jobs WHERE kind = 'fetch' AND status IN ('queued', 'running')"
+        " ORDER BY id DESC LIMIT 1"
+    )
+
+
+async def latest_fetch_id(db: Database) -> int | None:
+    return await db.fetchval("SELECT max(id) FROM jobs WHERE kind = 'fetch'")
