@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 import trio
 
+from nurseryd.kinds.fetch import scheduled_tick
 from nurseryd.kinds.fetch.config import parse_fetch_section
 from tests.daemon_process import InProcessDaemon, make_settings, run_daemon
 from tests.fetch_servers import LocalServer, hang, json_reply, open_local_server
@@ -236,3 +237,20 @@ async def test_post_fetch_without_sources_is_409(database_url: str, state_dir: P
     assert response.status_code == 409 and "[[fetch.sources]]" in response.json()["detail"]
     assert status == {"job": None, "active": False, "schedule": {"interval_s": None,
                       "run_at_start": False}, "sources": []}
+
+
+async def test_scheduled_tick_is_skipped_not_queued_while_a_fetch_is_active(
+    database_url: str, state_dir: Path, server: LocalServer,
+) -> None:
+    server.route("/hang", hang)
+    sources = [source("slow", server.url("/hang"), timeout_s=60)]
+    async with fetch_daemon(database_url, state_dir, sources) as daemon:
+        running = await start_hanging_fetch(daemon, server)
+        assert await scheduled_tick(daemon.services) is None
+        assert await daemon.services.db.fetchval(
+            "SELECT count(*) FROM jobs WHERE kind = 'fetch'") == 1
+        await daemon.client.post("/fetch/cancel")
+        started = await scheduled_tick(daemon.services)
+        assert started is not None and started["params"] == {"trigger": "schedule"}
+        assert started["id"] != running["id"]
+        await daemon.client.post("/fetch/cancel")

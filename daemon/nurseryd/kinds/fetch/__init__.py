@@ -51,24 +51,33 @@ async def seconds_since_last_fetch(services: Services) -> float | None:
     )
 
 
-async def run_fetch_schedule(services: Services) -> None:
-    """Start a fetch every ``fetch.interval`` until cancelled (at shutdown)."""
+async def scheduled_tick(services: Services) -> dict[str, Any] | None:
+    """One tick: start a fetch, or skip it (``None``) if one is queued or running.
+
+    Skipped, not queued: the partial unique index refuses the row, so nothing is
+    left waiting to run after the active fetch. Other errors are logged; the next
+    tick tries again.
+    """
     from ...supervisor import JobConflict
 
+    try:
+        job = await submit_fetch(services, "schedule")
+    except JobConflict:
+        log.info("scheduled fetch skipped: a fetch is already queued or running")
+        return None
+    except Exception:
+        log.exception("scheduled fetch could not be started; the next tick will try again")
+        return None
+    log.info("scheduled fetch started as job %s", job["id"])
+    return job
+
+
+async def run_fetch_schedule(services: Services) -> None:
+    """Start a fetch every ``fetch.interval`` until cancelled (at shutdown)."""
     config = fetch_config(services)
     if not config.interval_s or not config.sources:
         log.info("fetch schedule off (fetch.interval is 0 or no sources are configured)")
         return
-
-    async def tick() -> None:
-        try:
-            job = await submit_fetch(services, "schedule")
-        except JobConflict:
-            log.info("scheduled fetch skipped: a fetch is already queued or running")
-        except Exception:
-            log.exception("scheduled fetch could not be started; next tick will try again")
-        else:
-            log.info("scheduled fetch started as job %s", job["id"])
 
     try:
         since_last = await seconds_since_last_fetch(services)
@@ -77,7 +86,8 @@ async def run_fetch_schedule(services: Services) -> None:
         since_last = None
     log.info("fetch schedule on: every %g s", config.interval_s)
     await schedule_loop(interval=config.interval_s, run_at_start=config.run_at_start,
-                        since_last=since_last, trigger=tick)
+                        since_last=since_last, trigger=lambda: scheduled_tick(services))
 
 
-__all__ = ["FETCH_KIND", "parse_fetch_section", "run_fetch_schedule", "submit_fetch"]
+__all__ = ["FETCH_KIND", "parse_fetch_section", "run_fetch_schedule", "scheduled_tick",
+           "submit_fetch"]

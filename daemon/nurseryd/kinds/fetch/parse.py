@@ -29,7 +29,8 @@ from .config import SourceConfig
 
 #: How many rejection reasons a page keeps for the job result (the count is exact).
 MAX_NOTES = 5
-_MISSING = object()
+#: What :func:`get_path` returns for an absent path (``None`` is a present JSON null).
+MISSING = object()
 
 
 class ParseError(Exception):
@@ -100,25 +101,25 @@ def clean_json(value: Any) -> Any:
 
 
 def get_path(document: Any, path: Sequence[str]) -> Any:
-    """Follow a dotted path (as segments) through dicts and lists; ``_MISSING`` if absent."""
+    """Follow a dotted path (as segments) through dicts and lists; ``MISSING`` if absent."""
     current = document
     for segment in path:
         if isinstance(current, Mapping):
             if segment not in current:
-                return _MISSING
+                return MISSING
             current = current[segment]
         elif isinstance(current, list) and segment.lstrip("-").isdigit():
             index = int(segment)
             if not -len(current) <= index < len(current):
-                return _MISSING
+                return MISSING
             current = current[index]
         else:
-            return _MISSING
+            return MISSING
     return current
 
 
 def as_text(value: Any) -> str | None:
-    if value is _MISSING or value is None:
+    if value is MISSING or value is None:
         return None
     if isinstance(value, str):
         text = value
@@ -144,7 +145,7 @@ def as_id(value: Any) -> str | None:
 
 def as_datetime(value: Any) -> datetime | None:
     """ISO 8601, RFC 2822 or a Unix time (seconds, or milliseconds if huge); naive is UTC."""
-    if value is _MISSING or value is None or isinstance(value, bool):
+    if value is MISSING or value is None or isinstance(value, bool):
         return None
     parsed: datetime | None = None
     if isinstance(value, int | float):
