@@ -36,7 +36,7 @@ async def test_items_arriving_during_a_flush_share_the_next_one() -> None:
         release.set()
         await trio.testing.wait_all_tasks_blocked()
         committer.close()
-    assert batches == [[1], [2, 3, 4]]
+    assert [sorted(batch) for batch in batches] == [[1], [2, 3, 4]]  # task order is random
     assert results == {1: 10, 2: 20, 3: 30, 4: 40}
 
 

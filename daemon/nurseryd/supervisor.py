@@ -104,6 +104,9 @@ class JobHandle:
     running: bool = False
     finished: trio.Event = field(default_factory=trio.Event)
     result: Any = None
+    cancel_requested_at: Any = None
+    #: The row as the final status write left it (None if it was not written).
+    final_row: Any = None
 
     def stop(self, reason: StopReason) -> None:
         """Cancel the job's scope; the first reason given is the one that counts."""
@@ -172,7 +175,7 @@ class Supervisor:
         self._inserts: GroupCommitter[jobsdb.NewJob, Any] = GroupCommitter(
             "job inserts", lambda batch: jobsdb.insert_jobs(db, batch)
         )
-        self._updates: GroupCommitter[jobsdb.JobUpdate, None] = GroupCommitter(
+        self._updates: GroupCommitter[jobsdb.JobUpdate, Any] = GroupCommitter(
             "job updates", lambda batch: jobsdb.apply_updates(db, batch)
         )
 
@@ -368,10 +371,16 @@ class Supervisor:
                     if row is not None:
                         return jobsdb.job_json(row)
                     return await self._not_cancellable(job_id)
+        if handle.cancel_requested_at is None:
+            handle.cancel_requested_at = jobsdb.now()
         handle.stop(StopReason.CANCEL)
-        self._write_soon(jobsdb.JobUpdate(job_id, {"cancel_requested_at": jobsdb.now()}))
         with trio.move_on_after(wait_s):
             await handle.finished.wait()
+        if handle.final_row is not None:
+            return jobsdb.job_json(handle.final_row)
+        if not handle.finished.is_set():  # slow to stop: record the request meanwhile
+            await self._updates.submit(jobsdb.JobUpdate(
+                job_id, {"cancel_requested_at": handle.cancel_requested_at}))
         job = await self.get_job(job_id)
         assert job is not None
         return job
@@ -475,13 +484,15 @@ class Supervisor:
             "error": _error_text(event, handle, raised),
             "finished_at": None if status is Status.QUEUED else jobsdb.now(),
         }
+        if handle.cancel_requested_at is not None:
+            values["cancel_requested_at"] = handle.cancel_requested_at
         if status is Status.QUEUED:
             del values["result"]
         if event is Event.FAIL:
             log.warning("job %d (%s) failed: %s", handle.id, handle.kind.name, values["error"])
         with trio.move_on_after(FINAL_WRITE_TIMEOUT_S) as scope:
             try:
-                await self._updates.submit(jobsdb.JobUpdate(handle.id, values))
+                handle.final_row = await self._updates.submit(jobsdb.JobUpdate(handle.id, values))
             except Exception as error:
                 log.error("job %d: final status %s not written (%s); it will be recovered"
                           " at the next start", handle.id, status.value, error)

@@ -68,8 +68,11 @@ async def _insert(conn: asyncpg.Connection, jobs: list[NewJob]) -> list[asyncpg.
 
 
 async def insert_jobs(db: Database, jobs: list[NewJob]) -> list[asyncpg.Record | None]:
-    """Insert many jobs in one statement; ``None`` where a unique index refused one."""
-    return await db.run(_insert, jobs)
+    """Insert many jobs in one statement; ``None`` where a unique index refused one.
+
+    One statement is atomic by itself: no BEGIN/COMMIT round trips.
+    """
+    return await db.run(_insert, jobs, transaction=False)
 
 
 # -- batched updates ---------------------------------------------------------------------
@@ -103,10 +106,19 @@ def merge_updates(updates: Iterable[JobUpdate]) -> dict[int, dict[str, Any]]:
     return dict(merged)
 
 
-async def _apply(conn: asyncpg.Connection, merged: dict[int, dict[str, Any]]) -> None:
+def _group_by_shape(
+    merged: dict[int, dict[str, Any]],
+) -> dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]]:
     by_shape: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     for job_id, values in merged.items():
         by_shape[tuple(sorted(values))].append((job_id, values))
+    return by_shape
+
+
+async def _apply(
+    conn: asyncpg.Connection, by_shape: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]]
+) -> dict[int, asyncpg.Record]:
+    rows: dict[int, asyncpg.Record] = {}
     for columns, items in by_shape.items():
         assignments = ", ".join(f"{name} = u.{name}" for name in columns)
         arrays = ", ".join(
@@ -115,18 +127,26 @@ async def _apply(conn: asyncpg.Connection, merged: dict[int, dict[str, Any]]) ->
         sql = (
             f"UPDATE jobs SET {assignments} FROM unnest($1::bigint[], {arrays})"
             f" AS u(id, {', '.join(columns)}) WHERE jobs.id = u.id"
+            f" RETURNING {', '.join('jobs.' + name for name in PUBLIC_FIELDS)}"
         )
         args = [[job_id for job_id, _ in items]]
         args += [[values[name] for _, values in items] for name in columns]
-        await conn.execute(sql, *args)
+        for row in await conn.fetch(sql, *args):
+            rows[row["id"]] = row
+    return rows
 
 
-async def apply_updates(db: Database, updates: list[JobUpdate]) -> list[None]:
-    """Write a batch of updates in one transaction; one ``None`` per update."""
-    merged = merge_updates(updates)
-    if merged:
-        await db.run(_apply, merged)
-    return [None] * len(updates)
+async def apply_updates(db: Database, updates: list[JobUpdate]) -> list[asyncpg.Record | None]:
+    """Write a batch of updates atomically; returns each updated job's row.
+
+    Usually a batch has one shape (same columns) and is one statement, which
+    needs no BEGIN/COMMIT; mixed shapes share one transaction.
+    """
+    by_shape = _group_by_shape(merge_updates(updates))
+    if not by_shape:
+        return [None] * len(updates)
+    rows = await db.run(_apply, by_shape, transaction=len(by_shape) > 1)
+    return [rows.get(update.job_id) for update in updates]
 
 
 # -- single-row reads and guarded writes ------------------------------------------------
