@@ -1,0 +1,82 @@
+"""Data migration: source -> row batches -> coerce -> rejects -> COPY -> upsert -> checkpoint.
+
+Importing this package registers the ``[targets]`` and ``[migration]`` config
+sections. It stays light (no trio, asyncpg or quart at import) because the
+Excel parser's child process imports modules of this package, and its start-up
+time is on the critical path of every import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..base import JobContext, JobKind
+from . import targets as _targets  # noqa: F401  (registers config sections)
+
+if TYPE_CHECKING:
+    from ...services import Services
+
+log = logging.getLogger(__name__)
+
+
+async def _run(ctx: JobContext) -> None:
+    from .job import run_migration
+
+    await run_migration(ctx)
+
+
+def _parse(params: Mapping[str, Any]) -> dict[str, Any]:
+    from .job import parse_params
+
+    return parse_params(params)
+
+
+MIGRATION_KIND = JobKind(
+    name="migration",
+    run=_run,
+    parse_params=_parse,
+    generic_endpoint=False,
+    description="Import rows from an uploaded .xlsx (POST /migration/excel) into a target "
+                "table: coerce, reject, COPY, upsert, resumable.",
+)
+
+
+async def prepare_targets(services: Services) -> None:
+    """Start-up: create or verify every target table; remove orphan uploads.
+
+    Raises :class:`~nurseryd.features.StartupError` when an existing table does
+    not match its target.
+    """
+    from ...features import StartupError
+    from .tables import TargetMismatch, ensure_target_table
+    from .targets import configured_targets
+    from .uploads_dir import sweep_uploads
+    from .xlsx_checks import WorkbookRejected, check_expat
+
+    for target in configured_targets(services.settings).values():
+        try:
+            outcome = await ensure_target_table(services.db, target)
+        except TargetMismatch as error:
+            raise StartupError(str(error)) from None
+        log.info("migration target %s: table %s %s", target.name, target.table, outcome)
+    try:
+        check_expat()
+    except WorkbookRejected as error:
+        log.error("Excel migrations will fail: %s", error)
+    await sweep_uploads(services.db, services.settings.state_dir, at_start=True)
+
+
+async def sweep_uploads_periodically(services: Services) -> None:
+    """Background: delete uploads of jobs that ended cancelled (every 5 minutes)."""
+    import trio
+
+    from .uploads_dir import sweep_uploads
+
+    while True:
+        await trio.sleep(300)
+        try:
+            await sweep_uploads(services.db, services.settings.state_dir, at_start=False)
+        except Exception:  # a sweep is housekeeping: log and try again later
+            log.exception("upload sweep failed")

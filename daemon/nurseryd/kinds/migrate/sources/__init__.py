@@ -1,0 +1,1 @@
+"""Migration sources: anything that yields (header, row batches) with a resumable position."""

@@ -1,0 +1,211 @@
+"""The Excel parser's child process: ``python -m nurseryd.kinds.migrate.sources.excel_child``.
+
+Why a separate process: python-calamine aborts the whole process (a Rust
+``abort()``, no exception) when an allocation fails, and a hostile 5 KB file
+makes it try to allocate 512 GiB; openpyxl can loop for minutes. Here that
+costs one child, limited by ``RLIMIT_AS`` (memory) and ``RLIMIT_CPU`` (time),
+and the daemon stays up. It is also what lets parsing run on another core while
+the daemon streams the previous batch into PostgreSQL (a thread gains <= 4%:
+the GIL).
+
+Input: one JSON object on stdin (path, sheet, target columns, caps, resume
+position...). Output: frames on stdout (see :mod:`.framing`): info, header,
+total, batches of COPY text with their rejects and position, then done or
+error. Backpressure is the pipe: when the daemon is busy, ``write`` blocks.
+
+Kept light on imports (no trio, no asyncpg): start-up time is on the critical
+path of every import.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
+from ..xlsx_checks import ParseCaps, WorkbookInfo, WorkbookRejected, inspect_workbook
+from . import framing
+
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1024 * 1024
+#: Interpreter + python-calamine + our modules, measured at ~20 MiB RSS; address
+#: space (what RLIMIT_AS limits) is larger.
+BASE_BYTES = 96 * 1024**2
+
+
+def estimate_calamine_bytes(info: WorkbookInfo) -> int:
+    """Peak memory python-calamine needs for the sheet (it loads it whole).
+
+    Measured on the chats workbook: 128 MB of sheet XML -> 214 MiB peak RSS;
+    836 MB -> 1.28 GiB; i.e. ~1.5 bytes per byte of sheet XML, plus the shared
+    strings table, plus a dense grid of ~32 bytes per declared cell.
+    """
+    cells = 0
+    if info.dimension is not None:
+        r1, c1, r2, c2 = info.dimension
+        cells = (r2 - r1 + 1) * (c2 - c1 + 1)
+    return int(BASE_BYTES + 1.6 * info.sheet_bytes + 3 * info.shared_strings_bytes + 32 * cells)
+
+
+def choose_reader(info: WorkbookInfo, configured: str, budget: int) -> str:
+    if configured in ("calamine", "openpyxl"):
+        return configured
+    return "calamine" if estimate_calamine_bytes(info) <= budget else "openpyxl"
+
+
+class Output:
+    """Frames to fd 1, written fully (blocking: the pipe is our backpressure)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        try:
+            import fcntl
+
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+        except (OSError, ImportError):
+            pass  # not a pipe (tests may use a file), or not Linux
+
+    def write(self, *pieces: bytes) -> None:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+
+    def send(self, kind: bytes, value: Any) -> None:
+        self.write(framing.encode(kind, value))
+
+
+def _blank(row: Sequence[Any]) -> bool:
+    return all(cell is None or cell == "" or (isinstance(cell, str) and not cell.strip())
+               for cell in row)
+
+
+def calamine_rows(path: str, info: WorkbookInfo) -> tuple[Iterator[tuple[int, list[Any]]], int]:
+    """(row number, values) from python-calamine, plus the exact sheet height."""
+    from python_calamine import CalamineWorkbook
+
+    workbook = CalamineWorkbook.from_path(path)
+    sheet = workbook.get_sheet_by_name(info.sheet_name)
+    start = sheet.start
+    first = (start[0] if start else 0) + 1
+    height = sheet.height
+
+    def numbered() -> Iterator[tuple[int, list[Any]]]:
+        return zip(range(first, first + height), sheet.iter_rows(), strict=False)
+
+    return numbered(), first + height - 1
+
+
+def openpyxl_rows(path: str, info: WorkbookInfo) -> tuple[Iterator[tuple[int, Any]], int | None]:
+    """(row number, values) streamed by openpyxl read-only (memory ~flat)."""
+    import openpyxl
+
+    workbook = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    sheet = workbook[info.sheet_name]
+    return enumerate(sheet.iter_rows(min_row=1, values_only=True), 1), None
+
+
+def run(spec: dict[str, Any], out: Output) -> None:
+    caps = ParseCaps(**spec["caps"])
+    columns = [ColumnSpec(name=c["name"], type=c["type"], nullable=c["nullable"],
+                          aliases=tuple(c["aliases"]), key=c["key"]) for c in spec["columns"]]
+    path = spec["path"]
+    start_after = int(spec.get("start_after_row") or 0)
+    batch_rows = int(spec["batch_rows"])
+    info = inspect_workbook(path, spec.get("sheet"), caps)
+    reader = choose_reader(info, spec.get("reader", "auto"), int(spec["memory_bytes"]))
+    declared = info.estimated_rows()
+    out.send(framing.INFO, {"reader": reader, "sheet": info.sheet_name,
+                            "date1904": info.date1904, "declared_rows": declared,
+                            "estimated_calamine_bytes": estimate_calamine_bytes(info)})
+    if declared is not None:
+        out.send(framing.TOTAL, {"total": max(declared - 1, 0)})
+    if reader == "calamine":
+        rows, last_row = calamine_rows(path, info)
+    else:
+        rows, last_row = openpyxl_rows(path, info)
+
+    header_row = 0
+    header: Sequence[Any] = ()
+    for number, row in rows:
+        if not _blank(row):
+            header_row, header = number, row
+            break
+    if not header_row:
+        raise WorkbookRejected(f"sheet {info.sheet_name!r} is empty: no header row found")
+    match = match_header(header, columns)
+    out.send(framing.HEADER, {"columns": [column.name for column in match.columns],
+                              "ignored": list(match.ignored), "header_row": header_row})
+    if last_row is not None:
+        out.send(framing.TOTAL, {"total": max(last_row - header_row, 0)})
+    coercer = RowCoercer(match, date1904=info.date1904)
+    max_row = header_row + caps.max_rows
+    pending: list[tuple[int, Any]] = []
+    last_seen = max(header_row, start_after)
+
+    def flush() -> None:
+        batch = coercer.coerce_rows(pending)
+        meta = {"last_row": last_seen, "rows_seen": batch.rows_seen, "written": batch.written,
+                "rejects": [[r.row_number, r.column, r.reason, r.raw] for r in batch.rejects]}
+        out.write(*framing.encode_batch(meta, batch.copy_bytes()))
+        pending.clear()
+
+    for number, row in rows:
+        if number > max_row:
+            raise WorkbookRejected(f"sheet {info.sheet_name!r} has more than {caps.max_rows:,} "
+                                   "data rows (migration.max_rows)")
+        if number <= start_after:
+            continue
+        last_seen = number
+        pending.append((number, row))
+        if len(pending) >= batch_rows:
+            flush()
+    if pending:
+        flush()
+    out.send(framing.DONE, {"last_row": last_seen})
+
+
+def set_limits(memory_bytes: int, cpu_seconds: float) -> None:
+    """Address-space and CPU limits for this process (and nothing else)."""
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    if cpu_seconds > 0:
+        seconds = int(cpu_seconds) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 5))
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.buffer.read())
+    out = Output()
+    # Nothing here builds reference cycles; the collector would only rescan the
+    # (large) batch of live rows again and again (measured: ~30% of coercion).
+    gc.disable()
+    try:
+        set_limits(int(spec["memory_bytes"]), float(spec.get("cpu_seconds", 0)))
+        run(spec, out)
+    except HeaderError as error:
+        out.send(framing.ERROR, {"kind": "header", "reason": str(error),
+                                 "missing": error.missing})
+    except WorkbookRejected as error:
+        out.send(framing.ERROR, {"kind": "rejected", "reason": str(error)})
+    except MemoryError:
+        out.send(framing.ERROR, {"kind": "memory", "reason": (
+            f"the parser ran out of memory (limit {int(spec['memory_bytes']) // 1024**2} MiB, "
+            "migration.memory_budget_mb); the sheet is too large or malformed")})
+    except BrokenPipeError:
+        return 1  # the daemon went away or cancelled us: nothing to tell
+    except Exception as error:  # any reader error becomes the job's error, not a traceback
+        text = f"{type(error).__name__}: {error}"
+        out.send(framing.ERROR, {"kind": "parse", "reason": (
+            "the workbook could not be read: " + (text if len(text) < 600 else text[:600] + "…"))})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

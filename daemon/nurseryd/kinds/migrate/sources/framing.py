@@ -1,0 +1,52 @@
+"""The wire format between the Excel parser child and the daemon.
+
+Each frame is ``kind (1 byte) | length (4 bytes, big endian) | body``. Control
+frames carry JSON; a batch frame carries a JSON meta block followed by the COPY
+text of its rows, so the daemon forwards row data to PostgreSQL without
+decoding it (and never unpickles anything a parser of hostile files produced).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+INFO = b"I"  # {"reader", "sheet", "estimated_rows", "date1904"}
+HEADER = b"H"  # {"columns": [...], "ignored": [...], "header_row": n}
+TOTAL = b"T"  # {"total": data rows expected}
+BATCH = b"B"  # meta {"last_row", "rows_seen", "written", "rejects": [...]} + payload
+ERROR = b"E"  # {"reason", "kind"}
+DONE = b"D"  # {"last_row"}
+
+_HEAD = struct.Struct(">cI")
+_META = struct.Struct(">I")
+HEAD_SIZE = _HEAD.size
+#: A frame larger than this is a protocol error (a batch of 5000 wide rows is ~2 MB).
+MAX_FRAME = 256 * 1024**2
+
+
+def encode(kind: bytes, value: Any) -> bytes:
+    body = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    return _HEAD.pack(kind, len(body)) + body
+
+
+def encode_batch(meta: dict[str, Any], payload: bytes) -> list[bytes]:
+    """A batch frame as pieces (written with one writev-like loop, no big concat)."""
+    meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    length = _META.size + len(meta_bytes) + len(payload)
+    return [_HEAD.pack(BATCH, length), _META.pack(len(meta_bytes)), meta_bytes, payload]
+
+
+def decode_head(data: bytes | bytearray) -> tuple[bytes, int]:
+    kind, length = _HEAD.unpack(bytes(data[:HEAD_SIZE]))
+    if length > MAX_FRAME:
+        raise ValueError(f"parser sent a frame of {length} bytes")
+    return kind, length
+
+
+def decode_batch(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+    view = memoryview(body)
+    (meta_length,) = _META.unpack(bytes(view[:_META.size]))
+    meta = json.loads(bytes(view[_META.size:_META.size + meta_length]))
+    return meta, view[_META.size + meta_length:]

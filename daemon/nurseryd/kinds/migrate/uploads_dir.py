@@ -1,0 +1,69 @@
+"""Where uploaded workbooks wait for their job, and the sweep of abandoned ones.
+
+An upload is kept until its job reaches a terminal state (a restarted daemon
+resumes from it), then deleted. Files named ``*.part`` are uploads still being
+received; ``*.xlsx`` belong to a job (its ``params.upload``). At start nothing
+can be receiving, so every ``.part`` file and every ``.xlsx`` no queued or
+running job refers to is an orphan of a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from ...db import Database
+
+log = logging.getLogger(__name__)
+
+UPLOADS = "uploads"
+#: An upload becomes a job within milliseconds of being renamed; a sweep while
+#: the daemon runs leaves younger files alone.
+GRACE_S = 600.0
+
+
+def uploads_dir(state_dir: Path) -> Path:
+    return Path(state_dir) / UPLOADS
+
+
+def new_upload_paths(state_dir: Path) -> tuple[Path, Path]:
+    """(file to stream into, final name once accepted): random, never the client's name."""
+    directory = uploads_dir(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(16)
+    return directory / f"{token}.part", directory / f"{token}.xlsx"
+
+
+def upload_path(state_dir: Path, name: str) -> Path:
+    """The stored upload for a job's ``params.upload`` (a bare file name)."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"not an upload name: {name!r}")
+    return uploads_dir(state_dir) / name
+
+
+async def sweep_uploads(db: Database, state_dir: Path, *, at_start: bool) -> list[str]:
+    """Delete uploads no unfinished job needs; returns the names removed."""
+    directory = uploads_dir(state_dir)
+    if not directory.is_dir():
+        return []
+    rows = await db.fetch(
+        "SELECT params->>'upload' AS upload FROM jobs WHERE kind = 'migration'"
+        " AND status IN ('queued', 'running') AND params ? 'upload'")
+    needed = {row["upload"] for row in rows}
+    now = time.time()
+    removed = []
+    for path in directory.iterdir():
+        if path.name in needed or not path.is_file():
+            continue
+        if not at_start and now - path.stat().st_mtime < GRACE_S:
+            continue
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("removed %d abandoned upload(s) from %s", len(removed), directory)
+    return removed

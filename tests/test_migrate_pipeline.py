@@ -1,0 +1,203 @@
+"""The migration pipeline against real PostgreSQL, driven by a list-fed source.
+
+The context below implements the JobContext protocol over the real jobs table
+(the supervisor's own context is exercised by the end-to-end tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import Any
+
+import pytest
+import trio
+
+from nurseryd.config import load_settings
+from nurseryd.db import Database
+from nurseryd.kinds.base import JobFailed
+from nurseryd.kinds.migrate.pipeline import LoadPlan, run_pipeline
+from nurseryd.kinds.migrate.sources.base import ListSource
+from nurseryd.kinds.migrate.tables import TargetMismatch, ensure_target_table
+from nurseryd.kinds.migrate.targets import CHATS_TARGET, Target
+from tests.xlsx_factory import CHATS_HEADER, chat_row
+
+
+class LocalContext:
+    """JobContext over the jobs table, recording every report."""
+
+    def __init__(self, db: Database, job_id: int, checkpoint: Any = None) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.kind = "migration"
+        self.params: dict[str, Any] = {}
+        self.checkpoint = checkpoint
+        self.attempts = 1
+        self.settings = load_settings(None, environ={})
+        self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
+        self.result: Any = None
+
+    def report(self, *, total=None, processed=None, failed=None) -> None:
+        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
+            if value is not None:
+                self.counters[name] = value
+
+    async def save_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+        await self.db.execute("UPDATE jobs SET checkpoint = $2 WHERE id = $1", self.job_id,
+                              checkpoint)
+
+    def set_result(self, result: Any) -> None:
+        self.result = result
+
+
+async def new_job(db: Database) -> int:
+    return await db.fetchval(
+        "INSERT INTO jobs (kind, timeout_s, status) VALUES ('migration', 60, 'running')"
+        " RETURNING id")
+
+
+async def committed_checkpoint(db: Database, job_id: int) -> Any:
+    return await db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job_id)
+
+
+ROWS = [chat_row(i) for i in range(1, 251)]
+
+
+async def test_import_is_exact_and_idempotent(db: Database) -> None:
+    assert await ensure_target_table(db, CHATS_TARGET) == "created"
+    job = await new_job(db)
+    ctx = LocalContext(db, job)
+    result = await run_pipeline(ctx, ListSource(CHATS_HEADER, ROWS, batch_rows=64),
+                                CHATS_TARGET, timezone="Europe/Moscow")
+    assert ctx.counters == {"total": 250, "processed": 250, "failed": 0}
+    assert result["inserted"] == 250 and result["updated"] == 0
+    assert await db.fetchval("SELECT count(*) FROM chats") == 250
+    row = await db.fetchrow("SELECT * FROM chats WHERE chat_id = 100014")
+    assert row["customer_name"] == "John Smith 14"
+    assert row["last_message"] == "Здравствуйте! Заказ №14\nне пришёл 😡\tтаб"
+    assert row["is_vip"] is True and row["phone"] is None and row["message_count"] == 15
+    # Naive Excel times are local to the configured zone (Moscow is UTC+3).
+    assert row["created_at"] == dt.datetime(2023, 1, 1, 19, 0, tzinfo=dt.UTC)
+    # Checkpoint and counters were committed with the last batch.
+    committed = await db.fetchrow("SELECT checkpoint, processed FROM jobs WHERE id = $1", job)
+    assert committed["checkpoint"]["position"] == 249 and committed["processed"] == 250
+
+    xmin_before = await db.fetchval("SELECT sum(xmin::text::bigint) FROM chats")
+    again = LocalContext(db, await new_job(db))
+    result = await run_pipeline(again, ListSource(CHATS_HEADER, ROWS, batch_rows=100),
+                                CHATS_TARGET, timezone="Europe/Moscow")
+    assert result["unchanged"] == 250 and result["inserted"] == result["updated"] == 0
+    assert again.counters["processed"] == 250
+    # Nothing was rewritten: IS DISTINCT FROM skipped every identical row.
+    assert await db.fetchval("SELECT sum(xmin::text::bigint) FROM chats") == xmin_before
+
+
+async def test_changed_rows_are_updated_and_duplicates_do_not_double(db: Database) -> None:
+    await ensure_target_table(db, CHATS_TARGET)
+    await run_pipeline(LocalContext(db, await new_job(db)), ListSource(CHATS_HEADER, ROWS[:10]),
+                       CHATS_TARGET)
+    changed = [list(r) for r in ROWS[:10]]
+    changed[3][6] = "closed-later"
+    rows = changed + [changed[3]]  # the same key twice in one batch
+    ctx = LocalContext(db, await new_job(db))
+    result = await run_pipeline(ctx, ListSource(CHATS_HEADER, rows), CHATS_TARGET)
+    assert result["updated"] == 1 and result["processed"] == 11
+    assert await db.fetchval("SELECT count(*) FROM chats") == 10
+    assert await db.fetchval("SELECT status FROM chats WHERE chat_id = 100004") == "closed-later"
+
+
+async def test_rejects_are_stored_with_reasons_and_counted(db: Database) -> None:
+    await ensure_target_table(db, CHATS_TARGET)
+    rows = [list(r) for r in ROWS[:20]]
+    rows[4][0] = "not-a-number"
+    rows[9][7] = None  # created_at is NOT NULL
+    rows[12][12] = "perhaps"
+    rows[15] = [None] * 13  # an empty row: neither data nor reject
+    job = await new_job(db)
+    ctx = LocalContext(db, job)
+    result = await run_pipeline(ctx, ListSource(CHATS_HEADER, rows, batch_rows=7), CHATS_TARGET)
+    assert ctx.counters == {"total": 19, "processed": 16, "failed": 3}
+    assert result["rejected"] == 3
+    rejects = await db.fetch("SELECT row_number, column_name, reason, raw FROM migration_rejects"
+                             " WHERE job_id = $1 ORDER BY row_number", job)
+    assert [(r["row_number"], r["column_name"]) for r in rejects] == [
+        (6, "chat_id"), (11, "created_at"), (14, "is_vip")]
+    assert "not a number" in rejects[0]["reason"] and rejects[0]["raw"]["chat_id"] == \
+        "not-a-number"
+    assert "required" in rejects[1]["reason"]
+    assert await db.fetchval("SELECT count(*) FROM chats") == 16
+
+
+async def test_resume_from_checkpoint_applies_each_row_once(db: Database) -> None:
+    await ensure_target_table(db, CHATS_TARGET)
+    rows = [list(r) for r in ROWS]
+    rows[100][12] = "bad bool"  # a reject before the interruption
+    rows[200][12] = "bad bool"  # and one after
+    job = await new_job(db)
+    first = LocalContext(db, job)
+    with pytest.raises(JobFailed):  # interruption point: the source stops mid-way
+        source = ListSource(CHATS_HEADER, rows, batch_rows=50, stop_after_batches=3)
+        await run_pipeline(first, source, CHATS_TARGET)
+    checkpoint = await committed_checkpoint(db, job)
+    assert checkpoint["position"] == 149 and checkpoint["processed"] == 149
+    assert await db.fetchval("SELECT count(*) FROM chats") == 149
+
+    second = LocalContext(db, job, checkpoint=checkpoint)
+    result = await run_pipeline(second, ListSource(CHATS_HEADER, rows, batch_rows=50),
+                                CHATS_TARGET)
+    assert second.counters == {"total": 250, "processed": 248, "failed": 2}
+    assert result["inserted"] == 248 and result["unchanged"] == 0
+    assert await db.fetchval("SELECT count(*) FROM chats") == 248
+    assert await db.fetchval("SELECT count(*) FROM migration_rejects WHERE job_id = $1",
+                             job) == 2
+
+
+async def test_cancelled_batch_rolls_back_with_its_checkpoint(db: Database) -> None:
+    """A batch and its checkpoint commit together or not at all."""
+    await ensure_target_table(db, CHATS_TARGET)
+    job = await new_job(db)
+    plan = LoadPlan.build(CHATS_TARGET, CHATS_HEADER, "UTC")
+
+    async def slow_batch(conn) -> None:  # asyncio side: the batch, then a stall
+        await conn.execute(plan.create_stage)
+        await conn.execute("INSERT INTO chats (chat_id, external_id, channel, status,"
+                           " created_at, message_count, is_vip) VALUES"
+                           " (1, 'x', 'web', 'open', now(), 1, false)")
+        await conn.execute("UPDATE jobs SET checkpoint = '{\"position\": 9}' WHERE id = $1", job)
+        await conn.execute("SELECT pg_sleep(30)")
+
+    with trio.move_on_after(0.3):
+        await db.run(slow_batch)
+    assert await db.fetchval("SELECT count(*) FROM chats") == 0
+    assert await committed_checkpoint(db, job) is None
+
+
+async def test_header_missing_required_column_fails_at_once(db: Database) -> None:
+    await ensure_target_table(db, CHATS_TARGET)
+    header = [h for h in CHATS_HEADER if h not in ("status", "is_vip")]
+    with pytest.raises(JobFailed, match="status, is_vip"):
+        await run_pipeline(LocalContext(db, await new_job(db)),
+                           ListSource(header, [r[:6] + r[7:12] for r in ROWS]), CHATS_TARGET)
+
+
+async def test_existing_table_mismatch_is_refused_with_reasons(db: Database) -> None:
+    await db.execute("CREATE TABLE chats (chat_id bigint PRIMARY KEY, external_id text,"
+                     " rating numeric(2,1), is_vip boolean NOT NULL, extra text NOT NULL)")
+    with pytest.raises(TargetMismatch) as info:
+        await ensure_target_table(db, CHATS_TARGET)
+    text = str(info.value)
+    assert "column rating is numeric(2,1), the target says double precision" in text
+    assert "column status is missing" in text
+    assert "extra is NOT NULL without a default" in text
+    assert "[targets.chats]" in text
+
+
+async def test_existing_matching_table_with_aliases_types_is_accepted(db: Database) -> None:
+    target = Target("t", "public.things", (
+        dataclasses.replace(CHATS_TARGET.columns[0]),
+        dataclasses.replace(CHATS_TARGET.columns[7], type="timestamp with time zone"),
+    ), ("chat_id",))
+    await db.execute("CREATE TABLE things (chat_id int8, created_at timestamptz NOT NULL,"
+                     " note text, UNIQUE (chat_id))")
+    assert await ensure_target_table(db, target) == "verified"
