@@ -13,6 +13,7 @@ import psutil
 import trio
 
 from tests.daemon_process import DaemonProcess
+from tests.pgtools import PgServer
 from tests.polling import eventually
 
 
@@ -30,7 +31,7 @@ async def _wait_status(client, job_id: int, *statuses: str, timeout: float = 15)
 
 
 async def test_sigterm_requeues_the_running_job_and_restart_completes_it(
-    database_url: str, state_dir: Path
+    database_url: str, state_dir: Path, pg_server: PgServer
 ) -> None:
     env = _env(database_url, state_dir)
     async with DaemonProcess.start(env) as daemon, daemon.client() as client:
@@ -46,6 +47,13 @@ async def test_sigterm_requeues_the_running_job_and_restart_completes_it(
         elapsed = trio.current_time() - started
     assert code == 0, daemon.log_text()
     assert elapsed < 1 + 1, f"exit took {elapsed:.2f}s with a 1 s grace"
+    between = pg_server.psql(
+        f"SELECT status, attempts, checkpoint FROM jobs WHERE id = {job['id']}",
+        database_url.rsplit("/", 1)[1],
+    ).strip()
+    status, attempts, checkpoint = between.split("|")
+    assert (status, attempts) == ("queued", "1")  # back in the queue, attempt counted
+    assert int(checkpoint) >= 1  # and its checkpoint kept
     async with DaemonProcess.start(env) as again, again.client() as client:
         done = await _wait_status(client, job["id"], "completed", "failed")
         again.send_signal(signal.SIGTERM)
