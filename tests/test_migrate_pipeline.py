@@ -36,11 +36,21 @@ class LocalContext:
         self.settings = load_settings(None, environ={})
         self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
         self.result: Any = None
+        self._waiters: list[tuple[int, trio.Event]] = []
 
     def report(self, *, total=None, processed=None, failed=None) -> None:
         for name, value in (("total", total), ("processed", processed), ("failed", failed)):
             if value is not None:
                 self.counters[name] = value
+        for threshold, event in self._waiters:
+            if (self.counters["processed"] or 0) >= threshold:
+                event.set()
+
+    async def processed_at_least(self, threshold: int) -> None:
+        event = trio.Event()
+        self._waiters.append((threshold, event))
+        self.report()
+        await event.wait()
 
     async def save_checkpoint(self, checkpoint: Any) -> None:
         self.checkpoint = checkpoint

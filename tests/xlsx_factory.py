@@ -116,6 +116,8 @@ _WORKBOOK = (
     'spreadsheetml/2006/main" xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/'
     'relationships"><sheets><sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets>'
     '</workbook>')
+_EMPTY_SST = ('<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.'
+              'org/spreadsheetml/2006/main" count="0" uniqueCount="0"/>')
 SHEET_HEAD = ('<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="http://schemas.'
               'openxmlformats.org/spreadsheetml/2006/main">')
 
@@ -129,9 +131,7 @@ def raw_workbook(path: Path, sheet_xml: str | bytes, *, shared_strings: str | No
         archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
         archive.writestr("xl/workbook.xml", _WORKBOOK)
         archive.writestr("xl/worksheets/sheet1.xml", sheet_xml)
-        archive.writestr("xl/sharedStrings.xml", shared_strings or (
-            '<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.'
-            'org/spreadsheetml/2006/main" count="0" uniqueCount="0"/>'))
+        archive.writestr("xl/sharedStrings.xml", shared_strings or _EMPTY_SST)
     return path
 
 
@@ -184,6 +184,7 @@ def huge_cell(path: Path, size: int = 1024**3) -> Path:
         archive.writestr("_rels/.rels", _RELS)
         archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
         archive.writestr("xl/workbook.xml", _WORKBOOK)
+        archive.writestr("xl/sharedStrings.xml", _EMPTY_SST)
         with archive.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as member:
             member.write(head.encode())
             block = b"A" * (4 * 1024**2)
@@ -203,6 +204,7 @@ def many_rows_bomb(path: Path, rows: int = 3_000_000) -> Path:
         archive.writestr("_rels/.rels", _RELS)
         archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
         archive.writestr("xl/workbook.xml", _WORKBOOK)
+        archive.writestr("xl/sharedStrings.xml", _EMPTY_SST)
         with archive.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as member:
             member.write((SHEET_HEAD + "<sheetData>").encode())
             chunk = (row * 10_000).encode()

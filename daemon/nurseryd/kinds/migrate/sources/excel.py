@@ -65,6 +65,10 @@ class ExcelSource:
     settings: MigrationSettings
     source_type: str = "excel"
     facts: dict[str, Any] = field(default_factory=dict)
+    #: The parser child's pid while it runs (for logs and tests).
+    pid: int | None = None
+    #: Set when the child has checked the workbook and started reading it.
+    reading: trio.Event = field(default_factory=trio.Event)
 
     def spec(self, columns: Sequence[ColumnSpec], resume: Any) -> dict[str, Any]:
         return {
@@ -93,6 +97,7 @@ class ExcelSource:
                     trio.run_process, child_command(), stdin=spec, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, check=False, deliver_cancel=_kill,
                     env=child_env()))
+                self.pid = process.pid
                 nursery.start_soon(_drain_stderr, process, state)
                 await self._relay(process, send, state)
                 await process.wait()
@@ -155,6 +160,7 @@ class ExcelSource:
         if kind == framing.INFO:
             self.facts.update({"reader": value["reader"], "sheet": value["sheet"],
                                "date1904": value["date1904"]})
+            self.reading.set()
         elif kind == framing.TOTAL:
             await send.send(Total(int(value["total"])))
         elif kind == framing.HEADER:
