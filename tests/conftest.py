@@ -8,12 +8,12 @@ temporary directory (or the server at ``NURSERYD_TEST_DATABASE_URL`` if set), so
 
 from __future__ import annotations
 
-import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 import trio_asyncio
 
@@ -22,13 +22,25 @@ from nurseryd.db.migrate import apply_migrations
 from tests.pgtools import PgServer, start_test_server
 
 
+def pg_traversable_dir(prefix: str) -> Path:
+    """A directory the unprivileged ``pgserver`` user can always reach.
+
+    Not under pytest's ``/tmp/pytest-of-<user>``: every pytest session that starts
+    resets that directory to mode 0700, which would lock the server out of its own
+    data directory whenever two test sessions share the machine.
+    """
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
-    server = start_test_server(tmp_path_factory.mktemp("pg"))
+def pg_server() -> Iterator[PgServer]:
+    directory = pg_traversable_dir("nurseryd-test-pg-")
+    server = start_test_server(directory)
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
@@ -62,5 +74,3 @@ def state_dir(tmp_path: Path) -> Path:
     path.mkdir()
     return path
 
-
-__all__ = ["asyncpg", "os"]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import trio
 
+from tests.conftest import pg_traversable_dir
 from tests.daemon_process import DaemonProcess
 from tests.pgtools import PgServer
 from tests.polling import eventually
@@ -49,7 +52,7 @@ async def test_sigterm_requeues_the_running_job_and_restart_completes_it(
     assert elapsed < 1 + 1, f"exit took {elapsed:.2f}s with a 1 s grace"
     between = pg_server.psql(
         f"SELECT status, attempts, checkpoint FROM jobs WHERE id = {job['id']}",
-        database_url.rsplit("/", 1)[1],
+        urlsplit(database_url).path.lstrip("/"),
     ).strip()
     status, attempts, checkpoint = between.split("|")
     assert (status, attempts) == ("queued", "1")  # back in the queue, attempt counted
@@ -135,7 +138,8 @@ async def test_systemd_notifications_arrive_in_order(
     assert "draining" in messages[first("STOPPING=1")]
 
 
-async def test_embedded_server_left_by_sigkill_is_adopted_then_stopped(state_dir: Path) -> None:
+async def test_embedded_server_left_by_sigkill_is_adopted_then_stopped() -> None:
+    state_dir = pg_traversable_dir("nurseryd-test-embedded-")
     env = {"NURSERYD_STATE_DIR": str(state_dir), "NURSERYD_DATABASE_URL": "",
            "NURSERYD_SHUTDOWN_GRACE": "1"}
     async with DaemonProcess.start(env) as daemon:
@@ -156,6 +160,7 @@ async def test_embedded_server_left_by_sigkill_is_adopted_then_stopped(state_dir
             return True
 
     await eventually(postmaster_gone, timeout=5)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
