@@ -280,7 +280,11 @@ class Supervisor:
                 return
             for handle in handles:
                 self._waiting += 1
-                await self._send.send(handle)
+                try:
+                    await self._send.send(handle)
+                except trio.ClosedResourceError:  # the drain closed intake: stays queued
+                    self._waiting -= 1
+                    return
             while self._waiting >= self.settings.queue_size and not self._draining:
                 await self._job_ended.wait()
 
