@@ -17,6 +17,8 @@ def job_kinds() -> list[JobKind]:
 
     kinds = [SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND]
     # FEATURE-KINDS (one line per feature below)
+    from .kinds.migrate import MIGRATION_KIND
+    kinds.append(MIGRATION_KIND)
     from .kinds.fetch import FETCH_KIND
     kinds.append(FETCH_KIND)
     return kinds
@@ -27,6 +29,8 @@ def blueprints() -> list[Blueprint]:
 
     found = [jobs_blueprint]
     # FEATURE-BLUEPRINTS (one line per feature below)
+    from .http.migration import blueprint as migration_blueprint
+    found.append(migration_blueprint)
     from .http.fetch import blueprint as fetch_blueprint
     found.append(fetch_blueprint)
     return found
@@ -36,6 +40,8 @@ def startup_preparations() -> list[Callable[[Services], Awaitable[None]]]:
     """Run once after schema migrations, before HTTP listens; may raise StartupError."""
     found: list[Callable[[Services], Awaitable[None]]] = []
     # FEATURE-STARTUP (one line per feature below)
+    from .kinds.migrate import prepare_targets
+    found.append(prepare_targets)
     return found
 
 
@@ -43,6 +49,8 @@ def background_tasks() -> list[Callable[[Services], Awaitable[None]]]:
     """Long-running tasks (schedulers); they run until shutdown cancels them."""
     found: list[Callable[[Services], Awaitable[None]]] = []
     # FEATURE-BACKGROUND (one line per feature below)
+    from .kinds.migrate import sweep_uploads_periodically
+    found.append(sweep_uploads_periodically)
     from .kinds.fetch import run_fetch_schedule
     found.append(run_fetch_schedule)
     return found

@@ -1,0 +1,119 @@
+"""``/migration``: upload a workbook to import, watch the import, list its rejected rows.
+
+The handler only receives the file (streamed to the state dir under a random
+name), checks it is an .xlsx at all, and records the job; all parsing happens
+in the job, in a child process. The stored file outlives the request (a
+restarted daemon resumes from it) and is deleted when the job ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, request
+
+from ..kinds.migrate.targets import configured_targets, migration_settings
+from ..kinds.migrate.uploads_dir import new_upload_paths
+from ..kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
+from ..supervisor import JobNotFound
+from .context import get_services
+from .jobs import json_response, parse_job_id
+from .problems import Problem
+from .uploads import discard, receive_upload
+
+blueprint = Blueprint("migration", __name__)
+
+MAX_REJECTS_PAGE = 1000
+DEFAULT_REJECTS_PAGE = 100
+
+
+def migration_job_json(job: dict[str, Any]) -> dict[str, Any]:
+    params = job.get("params") or {}
+    return {**job, "source_type": params.get("source_type"),
+            "rejects": f"/jobs/{job['id']}/rejects"}
+
+
+@blueprint.post("/migration/excel")
+async def upload_excel() -> Response:
+    services = get_services()
+    settings = migration_settings(services.settings)
+    targets = configured_targets(services.settings)
+    part_path, final_path = new_upload_paths(services.settings.state_dir)
+    upload = await receive_upload(part_path, max_bytes=settings.max_upload_bytes,
+                                  text_fields=frozenset({"target", "sheet"}))
+    try:
+        if not upload.has_file:
+            raise Problem(422, "no workbook in the request: send it in form field 'file' "
+                          "(curl -F file=@chats.xlsx ...)", field="file")
+        target = upload.fields.get("target") or settings.default_target
+        if target not in targets:
+            raise Problem(422, f"unknown target {target!r}; configured targets: "
+                          f"{', '.join(sorted(targets))}", field="target")
+        sheet = upload.fields.get("sheet") or None
+        try:
+            await trio.to_thread.run_sync(sniff_upload, part_path)
+        except UploadRejected as error:
+            raise Problem(error.status, error.detail, field="file", received=error.received,
+                          filename=upload.filename) from None
+        await trio.to_thread.run_sync(part_path.rename, final_path)
+        params = {"source_type": "excel", "upload": final_path.name, "target": target,
+                  "sheet": sheet, "filename": upload.filename, "bytes": upload.size}
+        job = await services.supervisor.submit("migration", params)
+    except BaseException:
+        discard(part_path, final_path)
+        raise
+    return json_response(migration_job_json(job), 202,
+                         {"Location": f"/migration/jobs/{job['id']}"})
+
+
+async def _migration_job(raw_id: str) -> dict[str, Any]:
+    number = parse_job_id(raw_id)
+    job = await get_services().supervisor.get_job(number)
+    if job is None:
+        raise JobNotFound(number)
+    if job["kind"] != "migration":
+        raise Problem(404, f"job {number} is a {job['kind']} job, not a migration; see "
+                      f"/jobs/{number}")
+    return job
+
+
+@blueprint.get("/migration/jobs/<job_id>")
+async def get_migration_job(job_id: str) -> Response:
+    return json_response(migration_job_json(await _migration_job(job_id)))
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Problem(422, f"{name} must be a whole number, got {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise Problem(422, f"{name} must be between {low} and {high}", field=name)
+    return value
+
+
+@blueprint.get("/jobs/<job_id>/rejects")
+async def list_rejects(job_id: str) -> Response:
+    """Rejected rows by row number, keyset-paginated (``after`` = last row number seen)."""
+    job = await _migration_job(job_id)
+    unknown = sorted(set(request.args) - {"limit", "after"})
+    if unknown:
+        raise Problem(422, f"unknown query parameter {unknown[0]!r}; allowed: limit, after",
+                      field=unknown[0])
+    limit = _int_arg("limit", DEFAULT_REJECTS_PAGE, 1, MAX_REJECTS_PAGE)
+    after = _int_arg("after", 0, 0, 2**63 - 1)
+    rows = await get_services().db.fetch(
+        "SELECT row_number, column_name, reason, raw FROM migration_rejects"
+        " WHERE job_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3",
+        job["id"], after, limit)
+    rejects = [{"row": row["row_number"], "column": row["column_name"],
+                "reason": row["reason"], "values": row["raw"]} for row in rows]
+    next_url = None
+    if len(rejects) == limit:
+        next_url = f"/jobs/{job['id']}/rejects?after={rejects[-1]['row']}&limit={limit}"
+    return json_response({"job_id": job["id"], "status": job["status"], "failed": job["failed"],
+                          "rejects": rejects, "next": next_url})
