@@ -1,0 +1,108 @@
+"""Source databases for migration tests and the benchmark: real SQLite files and
+real PostgreSQL databases, filled server-side (``generate_series`` / a recursive
+CTE), so 100k or 1M rows cost a fraction of a second and no Python loop.
+
+Every source row ``i`` (1..n) is the same in both engines and maps onto the
+built-in ``chats`` target; ``legacy_note`` is a column the target lacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from nurseryd import features
+from nurseryd.config import Settings, load_settings
+
+SQLITE_SCHEMA = """
+CREATE TABLE chats (
+    chat_id INTEGER PRIMARY KEY, external_id TEXT NOT NULL, customer_name TEXT,
+    customer_email TEXT, phone TEXT, channel TEXT, status TEXT, created_at TEXT,
+    closed_at TEXT, message_count INTEGER, rating REAL, last_message TEXT, is_vip INTEGER,
+    legacy_note TEXT)
+"""
+
+SQLITE_FILL = """
+WITH RECURSIVE n(i) AS (SELECT {start} UNION ALL SELECT i + 1 FROM n WHERE i < {stop})
+INSERT INTO chats SELECT
+    100000 + i, 'CH-' || i, 'Customer ' || i, 'user' || i || '@example.org',
+    CASE WHEN i % 7 = 0 THEN NULL ELSE '+7 916 ' || i END,
+    CASE i % 4 WHEN 0 THEN 'telegram' WHEN 1 THEN 'whatsapp' WHEN 2 THEN 'web' ELSE 'email' END,
+    CASE i % 3 WHEN 0 THEN 'closed' WHEN 1 THEN 'open' ELSE 'pending' END,
+    strftime('%Y-%m-%d %H:%M:%S', '2023-01-01 08:00:00', '+' || i || ' minutes'),
+    CASE WHEN i % 3 = 0
+         THEN strftime('%Y-%m-%d %H:%M:%S', '2023-01-01 08:30:00', '+' || i || ' minutes') END,
+    1 + i % 40, CASE WHEN i % 3 = 0 THEN 1.0 + (i % 41) / 10.0 END,
+    'Здравствуйте! Заказ №' || i || char(10) || 'таб' || char(9), i % 14 = 0, 'note ' || i
+FROM n
+"""
+
+PG_SCHEMA = """
+CREATE TABLE legacy_chats (
+    chat_id bigint PRIMARY KEY, external_id text NOT NULL, customer_name text,
+    customer_email text, phone text, channel text, status text, created_at timestamptz,
+    closed_at timestamptz, message_count integer, rating double precision, last_message text,
+    is_vip boolean, legacy_note text)
+"""
+
+PG_FILL = """
+INSERT INTO legacy_chats SELECT
+    100000 + i, 'CH-' || i, 'Customer ' || i, 'user' || i || '@example.org',
+    CASE WHEN i % 7 = 0 THEN NULL ELSE '+7 916 ' || i END,
+    (ARRAY['telegram', 'whatsapp', 'web', 'email'])[i % 4 + 1],
+    (ARRAY['closed', 'open', 'pending'])[i % 3 + 1],
+    timestamptz '2023-01-01 08:00:00+00' + i * interval '1 minute',
+    CASE WHEN i % 3 = 0 THEN timestamptz '2023-01-01 08:30:00+00' + i * interval '1 minute' END,
+    1 + i % 40, CASE WHEN i % 3 = 0 THEN 1.0 + (i % 41) / 10.0 END,
+    'Здравствуйте! Заказ №' || i || E'\\nтаб\\t', i % 14 = 0, 'note ' || i
+FROM generate_series($1::bigint, $2::bigint) AS i
+"""
+
+
+def make_sqlite_source(path: Path, rows: int, *, start: int = 1) -> Path:
+    """A SQLite file with ``rows`` chats (ids 100000+start ...)."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = OFF")
+        conn.execute("PRAGMA synchronous = OFF")
+        if start == 1:
+            conn.execute(SQLITE_SCHEMA)
+        if rows:
+            conn.execute(SQLITE_FILL.format(start=start, stop=start + rows - 1))
+        conn.commit()
+    finally:
+        conn.close()
+    return path
+
+
+def pg_fill_sql() -> tuple[str, str]:
+    return PG_SCHEMA, PG_FILL
+
+
+def settings_with(base: Settings, toml: str) -> Settings:
+    """``base`` with the feature sections parsed from ``toml`` (as the daemon would)."""
+    features.job_kinds()  # registers the feature sections
+    from nurseryd.config import SECTION_VALIDATORS
+
+    raw: dict[str, Any] = tomllib.loads(toml)
+    sections = dict(base.sections)
+    for name, validate in SECTION_VALIDATORS.items():
+        if name in raw:
+            sections[name] = validate(raw[name], raw)
+    return dataclasses.replace(base, sections=sections)
+
+
+def plain_settings(toml: str = "") -> Settings:
+    features.job_kinds()
+    return settings_with(load_settings(None, environ={}), toml)
+
+
+def expected_chat(i: int) -> dict[str, Any]:
+    """A few fields of source row ``i`` as the target must hold them."""
+    return {"chat_id": 100000 + i, "external_id": f"CH-{i}",
+            "phone": None if i % 7 == 0 else f"+7 916 {i}",
+            "message_count": 1 + i % 40, "is_vip": i % 14 == 0,
+            "last_message": f"Здравствуйте! Заказ №{i}\nтаб"}  # text is trimmed

@@ -1,0 +1,424 @@
+"""Database sources (SQLite and PostgreSQL) through the real migration pipeline.
+
+Real files, a real second PostgreSQL database as the source, the daemon's
+database as the target. The pipeline tests drive ``run_pipeline`` with a small
+JobContext over the real jobs table; the HTTP tests run the whole daemon.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from nurseryd.config import ConfigError, Settings
+from nurseryd.db import Database, open_database
+from nurseryd.kinds.base import JobFailed
+from nurseryd.kinds.migrate.pipeline import run_pipeline
+from nurseryd.kinds.migrate.source_config import database_sources, parse_sources
+from nurseryd.kinds.migrate.sources.database import (
+    APPLICATION_NAME,
+    DatabaseSource,
+    ErrorClass,
+    backoff_delay,
+    classify_pg_error,
+)
+from nurseryd.kinds.migrate.tables import ensure_target_table
+from nurseryd.kinds.migrate.targets import CHATS_TARGET
+from tests.pgtools import PgServer
+from tests.polling import eventually
+from tests.source_dbs import (
+    PG_FILL,
+    PG_SCHEMA,
+    expected_chat,
+    make_sqlite_source,
+    plain_settings,
+)
+
+
+class SourceContext:
+    """JobContext over the real jobs table; ``on_report`` lets a test interrupt."""
+
+    def __init__(self, db: Database, job_id: int, settings: Settings,
+                 checkpoint: Any = None) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.kind = "migration"
+        self.params: dict[str, Any] = {}
+        self.checkpoint = checkpoint
+        self.attempts = 1
+        self.settings = settings
+        self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
+        self.on_report: Callable[[dict[str, int | None]], None] | None = None
+
+    def report(self, *, total=None, processed=None, failed=None) -> None:
+        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
+            if value is not None:
+                self.counters[name] = value
+        if self.on_report is not None:
+            self.on_report(self.counters)
+
+    async def save_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+
+    def set_result(self, result: Any) -> None:
+        self.result = result
+
+
+async def new_job(db: Database) -> int:
+    return await db.fetchval(
+        "INSERT INTO jobs (kind, timeout_s, status) VALUES ('migration', 60, 'running')"
+        " RETURNING id")
+
+
+def source_for(settings: Settings, name: str, **overrides: Any) -> DatabaseSource:
+    return DatabaseSource(database_sources(settings)[name], **overrides)
+
+
+@pytest.fixture
+async def target_db(db: Database) -> Database:
+    await ensure_target_table(db, CHATS_TARGET)
+    return db
+
+
+@pytest.fixture
+async def source_pg(pg_server: PgServer, aio_loop: object) -> AsyncIterator[tuple[str, Database]]:
+    """A second database on the test server holding ``legacy_chats``."""
+    name = f"src_{uuid.uuid4().hex[:12]}"
+    pg_server.create_database(name)
+    url = pg_server.url(name)
+    try:
+        async with open_database(url, min_size=1, max_size=2) as source:
+            await source.execute(PG_SCHEMA)
+            yield url, source
+    finally:
+        pg_server.drop_database(name)
+
+
+async def fill_pg(source: Database, first: int, last: int) -> None:
+    await source.execute(PG_FILL, first, last)
+
+
+async def run(ctx: SourceContext, source: DatabaseSource) -> dict[str, Any]:
+    return await run_pipeline(ctx, source, CHATS_TARGET)
+
+
+# ---------------------------------------------------------------- SQLite -> PG
+
+
+async def test_sqlite_100k_rows_exact_then_idempotent(target_db: Database,
+                                                      tmp_path: Path) -> None:
+    path = make_sqlite_source(tmp_path / "legacy.db", 100_000)
+    settings = plain_settings(f"""
+        [sources.legacy]
+        url = "sqlite:///{path}"
+        table = "chats"
+        key = ["chat_id"]
+        batch_rows = 10000
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    result = await run(ctx, source_for(settings, "legacy"))
+    assert ctx.counters == {"total": 100_000, "processed": 100_000, "failed": 0}
+    assert result["inserted"] == 100_000 and result["database"] == "sqlite"
+    assert result["ignored_columns"] == ["legacy_note"]  # the target lacks it: reported
+    assert result["pages"] == 10
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == 100_000
+    for i in (1, 7, 14, 99_999, 100_000):
+        row = await target_db.fetchrow("SELECT * FROM chats WHERE chat_id = $1", 100000 + i)
+        assert {k: row[k] for k in expected_chat(i)} == expected_chat(i)
+    committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
+    assert committed["position"] == {"after": [200_000], "rows": 100_000}
+
+    again = SourceContext(target_db, await new_job(target_db), settings)
+    result = await run(again, source_for(settings, "legacy"))
+    assert result["unchanged"] == 100_000 and result["inserted"] == result["updated"] == 0
+
+
+async def test_sqlite_resume_after_interruption_applies_each_row_once(
+        target_db: Database, tmp_path: Path) -> None:
+    path = make_sqlite_source(tmp_path / "legacy.db", 5_000)
+    with __import__("sqlite3").connect(path) as conn:  # two rows the target must reject
+        conn.execute("UPDATE chats SET message_count = 'many' WHERE chat_id IN (100100, 104000)")
+    settings = plain_settings(f"""
+        [sources.legacy]
+        url = "sqlite:///{path}"
+        query = "SELECT * FROM chats WHERE chat_id > 0"
+        key = "chat_id"
+        batch_rows = 500
+    """)
+    job = await new_job(target_db)
+    first = SourceContext(target_db, job, settings)
+
+    with trio.CancelScope() as scope:  # interrupted once ~2,000 rows are committed
+        first.on_report = lambda c: scope.cancel() if (c["processed"] or 0) >= 2000 else None
+        await run(first, source_for(settings, "legacy"))
+    assert scope.cancelled_caught
+    committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
+    stopped_at = committed["processed"] + committed["failed"]
+    assert 2000 <= stopped_at < 5000
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == committed["processed"]
+
+    second = SourceContext(target_db, job, settings, checkpoint=committed)
+    result = await run(second, source_for(settings, "legacy"))
+    assert second.counters["processed"] == 4998 and second.counters["failed"] == 2
+    assert result["inserted"] == 4998 and result["updated"] == 0
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == 4998
+    rejects = await target_db.fetch("SELECT row_number, column_name FROM migration_rejects "
+                                    "WHERE job_id = $1 ORDER BY row_number", job)
+    assert [(r["row_number"], r["column_name"]) for r in rejects] == [
+        (100, "message_count"), (4000, "message_count")]
+
+
+async def test_sqlite_missing_file_is_retried_then_fails(target_db: Database,
+                                                         tmp_path: Path) -> None:
+    settings = plain_settings(f"""
+        [sources.gone]
+        url = "sqlite:///{tmp_path}/nothing-here.db"
+        table = "chats"
+        key = ["chat_id"]
+        connect_attempts = 3
+    """)
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed, match="unreachable after 3 attempts.*no such file"):
+        await run(ctx, source_for(settings, "gone", sleep=record))
+    assert len(waits) == 2 and 0.25 <= waits[0] <= 0.5 and 0.5 <= waits[1] <= 1.0
+
+
+# ------------------------------------------------------------ PostgreSQL -> PG
+
+
+def pg_settings(url: str, **extra: str) -> Settings:
+    lines = "\n".join(f"{key} = {value}" for key, value in extra.items())
+    return plain_settings(f"""
+        [sources.legacy]
+        url = "{url}"
+        table = "legacy_chats"
+        key = ["chat_id"]
+        {lines}
+    """)
+
+
+async def test_postgres_to_postgres_with_aliases_rejects_and_ignored_columns(
+        target_db: Database, source_pg: tuple[str, Database]) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 3000)
+    await source.execute("ALTER TABLE legacy_chats ALTER external_id DROP NOT NULL")
+    await source.execute("UPDATE legacy_chats SET external_id = NULL WHERE chat_id = 100042")
+    settings = plain_settings(f"""
+        [sources.renamed]
+        url = "{url}"
+        query = '''SELECT chat_id AS "Chat ID", external_id AS "External ID", customer_name,
+                   customer_email, channel AS "Канал", status, created_at, message_count,
+                   is_vip AS vip, last_message, legacy_note, 42 AS answer
+                   FROM legacy_chats'''
+        key = ["chat_id"]
+        batch_rows = 700
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed, match="key column 'chat_id' is not in the result"):
+        await run(ctx, source_for(settings, "renamed"))
+    settings = plain_settings(f"""
+        [sources.renamed]
+        url = "{url}"
+        query = '''SELECT chat_id AS "Chat ID", external_id AS "External ID", customer_name,
+                   customer_email, channel AS "Канал", status, created_at, message_count,
+                   is_vip AS vip, last_message, legacy_note, 42 AS answer
+                   FROM legacy_chats'''
+        key = ["Chat ID"]
+        batch_rows = 700
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    result = await run(ctx, source_for(settings, "renamed"))
+    assert ctx.counters == {"total": 3000, "processed": 2999, "failed": 1}
+    assert result["database"] == "postgresql" and result["pages"] == 5
+    assert sorted(result["ignored_columns"]) == ["answer", "legacy_note"]
+    assert "phone" not in result["columns"] and "channel" in result["columns"]
+    row = await target_db.fetchrow("SELECT * FROM chats WHERE chat_id = 100014")
+    assert {k: row[k] for k in expected_chat(14) if k != "phone"} == {
+        k: v for k, v in expected_chat(14).items() if k != "phone"}
+    assert row["channel"] == "web" and row["is_vip"] is True
+    reject = await target_db.fetchrow("SELECT * FROM migration_rejects WHERE job_id = $1",
+                                      ctx.job_id)
+    assert reject["row_number"] == 42 and reject["column_name"] == "external_id"
+    assert reject["raw"]["chat_id"] == 100042
+
+
+async def test_postgres_missing_required_column_fails_listing_it(
+        target_db: Database, source_pg: tuple[str, Database]) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 10)
+    settings = plain_settings(f"""
+        [sources.thin]
+        url = "{url}"
+        query = "SELECT chat_id, customer_name, status FROM legacy_chats"
+        key = ["chat_id"]
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed) as failure:
+        await run(ctx, source_for(settings, "thin"))
+    message = str(failure.value)
+    for column in ("external_id", "channel", "created_at", "message_count", "is_vip"):
+        assert column in message
+    assert "customer_name" not in message.split("found:")[0]
+
+
+async def test_postgres_source_dropped_mid_stream_reconnects_without_duplicates(
+        target_db: Database, source_pg: tuple[str, Database]) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 20_000)
+    settings = pg_settings(url, batch_rows="1000", retry_backoff_s="0.01")
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    killed: list[bool] = []
+    midway = trio.Event()
+    ctx.on_report = lambda c: midway.set() if (c["processed"] or 0) >= 3000 else None
+
+    async def kill_source_connection() -> None:
+        await midway.wait()
+        killed.append(await source.fetchval(
+            "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = current_database()", APPLICATION_NAME))
+
+    dropping = source_for(settings, "legacy")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kill_source_connection)
+        result = await run(ctx, dropping)
+    assert killed == [True]
+    assert result["reconnects"] >= 1
+    assert ctx.counters == {"total": 20_000, "processed": 20_000, "failed": 0}
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == 20_000
+    assert result["inserted"] == 20_000 and result["updated"] == 0
+
+
+async def test_cancel_mid_stream_cancels_the_query_on_the_source_server(
+        target_db: Database, source_pg: tuple[str, Database]) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 50)
+    settings = plain_settings(f"""
+        [sources.slow]
+        url = "{url}"
+        query = "SELECT l.*, pg_sleep(30) AS nap FROM legacy_chats l"
+        key = ["chat_id"]
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    running = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active'"
+        " AND query LIKE '%pg_sleep(30)%' AND datname = current_database()")
+    cancelled_at: list[float] = []
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_when_running() -> None:
+                await eventually(lambda: source.fetchval(running, APPLICATION_NAME), timeout=10)
+                cancelled_at.append(trio.current_time())
+                scope.cancel()
+
+            nursery.start_soon(cancel_when_running)
+            await run(ctx, source_for(settings, "slow"))
+    assert scope.cancelled_caught
+    assert trio.current_time() - cancelled_at[0] < 1.0
+    # The statement is gone from the source server, and so is the connection.
+    assert await source.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", APPLICATION_NAME) == 0
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == 0
+
+
+async def test_unreachable_postgres_is_retried_with_backoff_then_fails(
+        target_db: Database) -> None:
+    with trio.socket.socket() as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = pg_settings(f"postgresql://postgres@127.0.0.1:{port}/x",
+                           connect_attempts="4", retry_backoff_s="0.2")
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed, match=r"unreachable after 4 attempts.*(refused|Connect)"):
+        await run(ctx, source_for(settings, "legacy", sleep=record))
+    assert len(waits) == 3
+    assert 0.1 <= waits[0] <= 0.2 and 0.2 <= waits[1] <= 0.4 and 0.4 <= waits[2] <= 0.8
+
+
+async def test_authentication_failure_fails_at_once(target_db: Database, pg_server: PgServer,
+                                                    source_pg: tuple[str, Database]) -> None:
+    url, _ = source_pg
+    wrong_role = url.replace("postgresql://postgres", "postgresql://no_such_role", 1)
+    settings = pg_settings(wrong_role)
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed, match='role "no_such_role" does not exist'):
+        await run(ctx, source_for(settings, "legacy", sleep=record))
+    assert waits == []  # no retry loop
+
+
+async def test_secret_from_environment(target_db: Database, source_pg: tuple[str, Database],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 10)
+    settings = pg_settings("env:NURSERYD_TEST_LEGACY_URL")
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed, match="NURSERYD_TEST_LEGACY_URL .* is not set"):
+        await run(ctx, source_for(settings, "legacy"))
+    monkeypatch.setenv("NURSERYD_TEST_LEGACY_URL", url)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    await run(ctx, source_for(settings, "legacy"))
+    assert ctx.counters["processed"] == 10
+
+
+# ------------------------------------------------------------------- pure parts
+
+
+def test_error_classes() -> None:
+    import asyncpg
+
+    assert classify_pg_error(ConnectionRefusedError()) is ErrorClass.TRANSIENT
+    assert classify_pg_error(asyncpg.InvalidPasswordError("x")) is ErrorClass.FATAL
+    assert classify_pg_error(asyncpg.InvalidCatalogNameError("x")) is ErrorClass.FATAL
+    assert classify_pg_error(asyncpg.AdminShutdownError("x")) is ErrorClass.TRANSIENT
+    assert classify_pg_error(asyncpg.UndefinedTableError("x")) is ErrorClass.FATAL
+    assert backoff_delay(1, 1, 10, 0) == 0.5 and backoff_delay(10, 1, 10, 0.999) < 10
+
+
+@pytest.mark.parametrize(("toml", "key"), [
+    ({"x": {"table": "t", "key": ["id"]}}, "sources.x.url"),
+    ({"x": {"url": "mysql://h/db", "table": "t", "key": ["id"]}}, "sources.x.url"),
+    ({"x": {"url": "env:1BAD", "table": "t", "key": ["id"]}}, "sources.x.url"),
+    ({"x": {"url": "sqlite:///a.db", "key": ["id"]}}, "sources.x"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t", "query": "SELECT 1", "key": ["id"]}},
+     "sources.x"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t; DROP", "key": ["id"]}}, "sources.x.table"),
+    ({"x": {"url": "sqlite:///a.db", "query": "DELETE FROM t", "key": ["id"]}},
+     "sources.x.query"),
+    ({"x": {"url": "sqlite:///a.db", "query": "SELECT 1; SELECT 2", "key": ["id"]}},
+     "sources.x.query"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t", "key": []}}, "sources.x.key"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"], "batch_rows": 0}},
+     "sources.x.batch_rows"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"], "pasword": "x"}},
+     "sources.x.pasword"),
+])
+def test_config_errors_name_the_dotted_key(toml: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_sources(toml, {"sources": toml})
+    assert error.value.key == key
+
+
+def test_secrets_are_not_printed() -> None:
+    parsed = parse_sources({"x": {"url": "postgresql://u:hunter2@h/db", "table": "t",
+                                  "key": ["id"]}}, {})
+    assert "hunter2" not in repr(parsed)
