@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from nurseryd import features
 from nurseryd.config import Settings, load_settings
+from nurseryd.db import Database
 
 SQLITE_SCHEMA = """
 CREATE TABLE chats (
@@ -106,3 +108,38 @@ def expected_chat(i: int) -> dict[str, Any]:
             "phone": None if i % 7 == 0 else f"+7 916 {i}",
             "message_count": 1 + i % 40, "is_vip": i % 14 == 0,
             "last_message": f"Здравствуйте! Заказ №{i}\nтаб"}  # text is trimmed
+
+
+class SourceContext:
+    """JobContext over the real jobs table; ``on_report`` lets a test interrupt."""
+
+    def __init__(self, db: Database, job_id: int, settings: Settings,
+                 checkpoint: Any = None) -> None:
+        self.db = db
+        self.job_id = job_id
+        self.kind = "migration"
+        self.params: dict[str, Any] = {}
+        self.checkpoint = checkpoint
+        self.attempts = 1
+        self.settings = settings
+        self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
+        self.on_report: Callable[[dict[str, int | None]], None] | None = None
+
+    def report(self, *, total=None, processed=None, failed=None) -> None:
+        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
+            if value is not None:
+                self.counters[name] = value
+        if self.on_report is not None:
+            self.on_report(self.counters)
+
+    async def save_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+
+    def set_result(self, result: Any) -> None:
+        self.result = result
+
+
+async def new_job(db: Database) -> int:
+    return await db.fetchval(
+        "INSERT INTO jobs (kind, timeout_s, status) VALUES ('migration', 60, 'running')"
+        " RETURNING id")

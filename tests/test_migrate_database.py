@@ -8,7 +8,7 @@ JobContext over the real jobs table; the HTTP tests run the whole daemon.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,45 +34,12 @@ from tests.polling import eventually
 from tests.source_dbs import (
     PG_FILL,
     PG_SCHEMA,
+    SourceContext,
     expected_chat,
     make_sqlite_source,
+    new_job,
     plain_settings,
 )
-
-
-class SourceContext:
-    """JobContext over the real jobs table; ``on_report`` lets a test interrupt."""
-
-    def __init__(self, db: Database, job_id: int, settings: Settings,
-                 checkpoint: Any = None) -> None:
-        self.db = db
-        self.job_id = job_id
-        self.kind = "migration"
-        self.params: dict[str, Any] = {}
-        self.checkpoint = checkpoint
-        self.attempts = 1
-        self.settings = settings
-        self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
-        self.on_report: Callable[[dict[str, int | None]], None] | None = None
-
-    def report(self, *, total=None, processed=None, failed=None) -> None:
-        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
-            if value is not None:
-                self.counters[name] = value
-        if self.on_report is not None:
-            self.on_report(self.counters)
-
-    async def save_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-
-    def set_result(self, result: Any) -> None:
-        self.result = result
-
-
-async def new_job(db: Database) -> int:
-    return await db.fetchval(
-        "INSERT INTO jobs (kind, timeout_s, status) VALUES ('migration', 60, 'running')"
-        " RETURNING id")
 
 
 def source_for(settings: Settings, name: str, **overrides: Any) -> DatabaseSource:
