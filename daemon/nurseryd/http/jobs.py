@@ -12,6 +12,7 @@ from ..lifecycle import Status
 from ..supervisor import JobNotFound
 from .context import get_services
 from .problems import Problem
+from .query import int_arg
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -94,8 +95,8 @@ async def list_jobs() -> Response:
         if status not in allowed:
             raise Problem(422, f"unknown status {status!r}; use one or more of "
                           f"{', '.join(sorted(allowed))}, comma-separated", field="status")
-    limit = _int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    before = _int_arg("before", None, 1, 2**63 - 1)
+    limit = int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    before = int_arg("before", None, 1, 2**63 - 1)
     rows = await jobsdb.list_jobs(get_services().db, kind=kind, statuses=statuses or None,
                                   before_id=before, limit=limit)
     jobs = [jobsdb.job_json(row) for row in rows]
@@ -108,19 +109,6 @@ async def list_jobs() -> Response:
             query.append(f"status={','.join(statuses)}")
         body["next"] = "/jobs?" + "&".join(query)
     return json_response(body)
-
-
-def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise Problem(422, f"{name} must be a whole number, got {raw!r}", field=name) from None
-    if not low <= value <= high:
-        raise Problem(422, f"{name} must be between {low} and {high}", field=name)
-    return value
 
 
 @blueprint.get("/jobs/<job_id>")

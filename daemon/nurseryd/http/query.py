@@ -1,0 +1,21 @@
+"""Reading query-string parameters with errors a client can act on."""
+
+from __future__ import annotations
+
+from quart import request
+
+from .problems import Problem
+
+
+def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+    """``?name=N`` as an int within [low, high]; absent or empty gives ``default``."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise Problem(422, f"{name} must be a whole number, got {raw!r}", field=name) from None
+    if not low <= value <= high:
+        raise Problem(422, f"{name} must be between {low} and {high}", field=name)
+    return value
