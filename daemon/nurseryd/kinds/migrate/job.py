@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..base import JobContext, JobFailed, ParamError
+from .external_sources import SOURCE_TYPES as EXTERNAL_SOURCE_TYPES
+from .external_sources import build_source, parse_external_params
 from .pipeline import run_pipeline
 from .sources.base import Source
 from .sources.excel import ExcelSource
@@ -16,11 +18,13 @@ from .uploads_dir import upload_path
 
 log = logging.getLogger(__name__)
 
-SOURCE_TYPES = ("excel",)
+SOURCE_TYPES = ("excel", *EXTERNAL_SOURCE_TYPES)
 
 
 def parse_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """Params are built by our own endpoints; still validated (they are stored JSON)."""
+    if params.get("source_type") in EXTERNAL_SOURCE_TYPES:
+        return parse_external_params(params)
     allowed = {"source_type", "upload", "target", "sheet", "filename", "bytes"}
     for name in params:
         if name not in allowed:
@@ -46,6 +50,8 @@ def parse_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _source(ctx: JobContext) -> tuple[Source, Path | None]:
+    if (external := build_source(ctx)) is not None:
+        return external, None
     settings = migration_settings(ctx.settings)
     params = ctx.params
     if params["source_type"] == "excel":
