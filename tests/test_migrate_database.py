@@ -7,6 +7,7 @@ JobContext over the real jobs table; the HTTP tests run the whole daemon.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from nurseryd.kinds.migrate.sources.database import (
 )
 from nurseryd.kinds.migrate.tables import ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET
+from tests.daemon_process import DaemonProcess, make_settings, run_daemon
 from tests.pgtools import PgServer
 from tests.polling import eventually
 from tests.source_dbs import (
@@ -39,6 +41,7 @@ from tests.source_dbs import (
     make_sqlite_source,
     new_job,
     plain_settings,
+    settings_with,
 )
 
 
@@ -389,3 +392,131 @@ def test_secrets_are_not_printed() -> None:
     parsed = parse_sources({"x": {"url": "postgresql://u:hunter2@h/db", "table": "t",
                                   "key": ["id"]}}, {})
     assert "hunter2" not in repr(parsed)
+
+
+# ------------------------------------------------------------------ over HTTP
+
+
+async def test_http_database_import_end_to_end(database_url: str, state_dir: Path,
+                                               tmp_path: Path) -> None:
+    path = make_sqlite_source(tmp_path / "legacy.db", 3000)
+    settings = settings_with(make_settings(database_url, state_dir), f"""
+        [sources.legacy]
+        url = "sqlite:///{path}"
+        table = "chats"
+        key = ["chat_id"]
+        batch_rows = 1000
+    """)
+    async with run_daemon(settings) as daemon:
+        response = await daemon.client.post("/migration/database",
+                                            json={"source_identifier": "legacy",
+                                                  "target": "chats"})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["source_type"] == "database" and job["status"] == "queued"
+        assert response.headers["location"] == f"/migration/jobs/{job['id']}"
+        await daemon.wait_for_status(job["id"], "completed", "failed")
+        done = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
+        assert done["status"] == "completed", done
+        assert done["source_type"] == "database"
+        assert (done["total"], done["processed"], done["failed"]) == (3000, 3000, 0)
+        assert done["result"]["ignored_columns"] == ["legacy_note"]
+        assert "url" not in json.dumps(done["result"]) and str(path) not in json.dumps(done)
+
+
+async def test_http_refuses_connection_strings_and_unknown_sources(
+        database_url: str, state_dir: Path) -> None:
+    settings = settings_with(make_settings(database_url, state_dir), """
+        [sources.legacy]
+        url = "sqlite:///nowhere.db"
+        table = "chats"
+        key = ["chat_id"]
+        [sources.archive]
+        url = "env:ARCHIVE_URL"
+        table = "chats"
+        key = ["chat_id"]
+    """)
+    async with run_daemon(settings) as daemon:
+        post = daemon.client.post
+        smuggled = await post("/migration/database", json={
+            "source_identifier": "legacy", "url": "postgresql://evil@10.0.0.1/db"})
+        assert smuggled.status_code == 422 and "never accepted" in smuggled.json()["detail"]
+        unknown = await post("/migration/database", json={"source_identifier": "prod"})
+        assert unknown.status_code == 404
+        assert unknown.json()["known"] == ["archive", "legacy"]
+        assert "archive, legacy" in unknown.json()["detail"]
+        missing = await post("/migration/database", json={"target": "chats"})
+        assert missing.status_code == 422 and missing.json()["field"] == "source_identifier"
+        bad_target = await post("/migration/database", json={"source_identifier": "legacy",
+                                                             "target": "nope"})
+        assert bad_target.status_code == 422 and bad_target.json()["field"] == "target"
+        not_json = await post("/migration/database", content=b"{oops")
+        assert not_json.status_code == 400
+        assert await daemon.services.db.fetchval("SELECT count(*) FROM jobs") == 0
+
+
+async def test_sigkill_mid_import_then_restart_resumes_exactly(
+        database_url: str, state_dir: Path, tmp_path: Path, aio_loop: object) -> None:
+    rows = 60_000
+    path = make_sqlite_source(tmp_path / "legacy.db", rows)
+    config = tmp_path / "nurseryd.toml"
+    config.write_text(f'[sources.legacy]\nurl = "sqlite:///{path}"\ntable = "chats"\n'
+                      'key = ["chat_id"]\nbatch_rows = 1000\n')
+    env = {"NURSERYD_DATABASE_URL": database_url, "NURSERYD_STATE_DIR": str(state_dir),
+           "NURSERYD_CONFIG": str(config), "NURSERYD_SHUTDOWN_GRACE": "0"}
+    async with DaemonProcess.start(env) as daemon, daemon.client() as client:
+        response = await client.post("/migration/database", json={"source_identifier": "legacy"})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+
+        async def some_committed() -> bool:
+            job = (await client.get(f"/jobs/{job_id}")).json()
+            assert job["status"] in ("queued", "running"), job
+            return job["processed"] >= 5000
+
+        await eventually(some_committed, timeout=20)
+        daemon.kill()
+        await daemon.wait()
+    async with open_database(database_url, min_size=1, max_size=1) as db:
+        between = await db.fetchrow("SELECT status, processed FROM jobs WHERE id = $1", job_id)
+        assert between["status"] == "running" and 5000 <= between["processed"] < rows
+        assert await db.fetchval("SELECT count(*) FROM chats") == between["processed"]
+    async with DaemonProcess.start(env) as again, again.client() as client:
+
+        async def finished() -> dict | None:
+            job = (await client.get(f"/migration/jobs/{job_id}")).json()
+            return job if job["status"] in ("completed", "failed", "cancelled") else None
+
+        done = await eventually(finished, timeout=30)
+    assert done["status"] == "completed", done
+    assert (done["total"], done["processed"], done["failed"]) == (rows, rows, 0)
+    assert done["attempts"] == 2
+    assert done["result"]["inserted"] == rows and done["result"]["updated"] == 0
+    async with open_database(database_url, min_size=1, max_size=1) as db:
+        assert await db.fetchval("SELECT count(*) FROM chats") == rows
+        assert await db.fetchval("SELECT count(DISTINCT chat_id) FROM chats") == rows
+
+
+async def test_http_cancel_stops_the_query_on_the_source_server(
+        database_url: str, state_dir: Path, source_pg: tuple[str, Database]) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 20)
+    settings = settings_with(make_settings(database_url, state_dir), f"""
+        [sources.slow]
+        url = "{url}"
+        query = "SELECT l.*, pg_sleep(30) AS nap FROM legacy_chats l"
+        key = ["chat_id"]
+    """)
+    running = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 "
+               "AND query LIKE '%pg_sleep(30)%' AND state = 'active'")
+    async with run_daemon(settings) as daemon:
+        job = (await daemon.client.post("/migration/database",
+                                        json={"source_identifier": "slow"})).json()
+        await eventually(lambda: source.fetchval(running, APPLICATION_NAME), timeout=10)
+        response = await daemon.client.post(f"/jobs/{job['id']}/cancel")
+        assert response.status_code == 200 and response.json()["status"] == "cancelled"
+        assert await source.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            APPLICATION_NAME) == 0
+        shown = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
+        assert shown["status"] == "cancelled" and shown["source_type"] == "database"

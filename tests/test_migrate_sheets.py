@@ -21,8 +21,9 @@ from nurseryd.kinds.migrate.sources import sheets_api as api
 from nurseryd.kinds.migrate.sources.google_sheets import SheetsSource
 from nurseryd.kinds.migrate.tables import ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET
+from tests.daemon_process import make_settings, run_daemon
 from tests.sheets_server import Sheet, SheetsServer, sheets_server
-from tests.source_dbs import SourceContext, new_job, plain_settings
+from tests.source_dbs import SourceContext, new_job, plain_settings, settings_with
 
 SHEET_ID = "1BxiMVs0XRA5nFMdKvBdBZjgmUUqptlbs74OgvE2upms"
 HEADER = ["Chat ID", "External ID", "Customer", "E-mail", "Phone", "Channel", "Status",
@@ -311,3 +312,44 @@ def test_sheets_config_errors_name_the_dotted_key(raw: dict[str, Any], key: str)
     with pytest.raises(ConfigError) as error:
         parse_google_sheets(raw, {})
     assert error.value.key == key
+
+
+async def test_http_google_sheets_import(database_url: str, state_dir: Path) -> None:
+    async with sheets_server() as server:
+        server.spreadsheets[SHEET_ID] = [make_sheet(30)]
+        settings = settings_with(make_settings(database_url, state_dir), f"""
+            [google_sheets]
+            api_base = "{server.base_url}"
+            api_key = "test-key"
+            window_rows = 8
+        """)
+        async with run_daemon(settings) as daemon:
+            post = daemon.client.post
+            response = await post("/migration/google-sheets", json={
+                "spreadsheet_id": SHEET_ID, "range": "Chats", "target": "chats"})
+            assert response.status_code == 202, response.text
+            job = response.json()
+            assert job["source_type"] == "google_sheets"
+            assert response.headers["location"] == f"/migration/jobs/{job['id']}"
+            await daemon.wait_for_status(job["id"], "completed", "failed")
+            done = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
+            assert done["status"] == "completed", done
+            assert (done["total"], done["processed"], done["failed"]) == (30, 30, 0)
+            assert done["source_type"] == "google_sheets"
+            bad_id = await post("/migration/google-sheets", json={"spreadsheet_id": "../x"})
+            assert bad_id.status_code == 422 and bad_id.json()["field"] == "spreadsheet_id"
+            bad_range = await post("/migration/google-sheets", json={
+                "spreadsheet_id": SHEET_ID, "range": "Chats!A1:B2"})
+            assert bad_range.status_code == 422 and bad_range.json()["field"] == "range"
+            extra = await post("/migration/google-sheets", json={
+                "spreadsheet_id": SHEET_ID, "api_key": "mine"})
+            assert extra.status_code == 422 and extra.json()["field"] == "api_key"
+
+
+async def test_http_google_sheets_unconfigured_is_409(database_url: str,
+                                                      state_dir: Path) -> None:
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        response = await daemon.client.post("/migration/google-sheets",
+                                            json={"spreadsheet_id": SHEET_ID})
+        assert response.status_code == 409
+        assert "api_key or credentials_file" in response.json()["detail"]

@@ -18,6 +18,7 @@ def job_kinds() -> list[JobKind]:
     kinds = [SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND]
     # FEATURE-KINDS (one line per feature below)
     from .kinds.migrate import MIGRATION_KIND
+    from .kinds.migrate.source_config import parse_sources  # noqa: F401  (config sections)
     kinds.append(MIGRATION_KIND)
     from .kinds.fetch import FETCH_KIND
     kinds.append(FETCH_KIND)
@@ -29,6 +30,8 @@ def blueprints() -> list[Blueprint]:
 
     found = [jobs_blueprint]
     # FEATURE-BLUEPRINTS (one line per feature below)
+    from .http.migration_sources import blueprint as migration_sources_blueprint
+    found.append(migration_sources_blueprint)
     from .http.migration import blueprint as migration_blueprint
     found.append(migration_blueprint)
     from .http.fetch import blueprint as fetch_blueprint
