@@ -59,6 +59,8 @@ def json_reply(value: object, **kwargs: object) -> Reply:
 class LocalServer:
     def __init__(self) -> None:
         self.routes: dict[str, Handler] = {}
+        #: Serves every path without a route (404 when unset).
+        self.fallback: Handler | None = None
         self.requests: list[Request] = []
         self.port = 0
         #: Connections whose client went away before a reply (hung handlers).
@@ -119,7 +121,7 @@ class LocalServer:
                 elif isinstance(event, h11.EndOfMessage):
                     break
             assert request is not None
-            handler = self.routes.get(request.path)
+            handler = self.routes.get(request.path, self.fallback)
             reply = await handler(request) if handler else Reply(404, b'{"error":"no route"}')
             if reply is None:
                 self.abandoned += 1

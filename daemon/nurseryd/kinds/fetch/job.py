@@ -94,15 +94,31 @@ def build_result(outcomes: Mapping[str, SourceOutcome]) -> dict[str, Any]:
             "summary": summary}
 
 
-def report_progress(ctx: JobContext, outcomes: Mapping[str, SourceOutcome]) -> None:
+#: Counters go to the jobs table at most this often (plus once at the end): each
+#: report is a row update, and a fetch produces one per batch per source.
+REPORT_EVERY_S = 0.25
+
+
+@dataclass
+class Progress:
     """total = items seen, processed = items upserted (new, updated or re-seen
     unchanged), failed = items rejected (no id, duplicate, not an object)."""
-    values = outcomes.values()
-    ctx.report(
-        total=sum(o.seen for o in values),
-        processed=sum(o.new + o.updated + o.unchanged for o in values),
-        failed=sum(o.errors for o in values),
-    )
+
+    ctx: JobContext
+    outcomes: Mapping[str, SourceOutcome]
+    last_report: float = float("-inf")
+
+    def report(self, *, force: bool = False) -> None:
+        now = trio.current_time()
+        if not force and now - self.last_report < REPORT_EVERY_S:
+            return
+        self.last_report = now
+        values = self.outcomes.values()
+        self.ctx.report(
+            total=sum(o.seen for o in values),
+            processed=sum(o.new + o.updated + o.unchanged for o in values),
+            failed=sum(o.errors for o in values),
+        )
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -135,6 +151,7 @@ class FetchRun:
     client: httpx.AsyncClient
     limiter: trio.CapacityLimiter
     outcomes: dict[str, SourceOutcome]
+    progress: Progress
 
     @property
     def policy(self) -> RetryPolicy:
@@ -157,7 +174,7 @@ class FetchRun:
                 outcome.outcome, outcome.error = "error", f"{type(error).__name__}: {error}"
             finally:
                 outcome.duration_s = trio.current_time() - started
-            report_progress(self.ctx, self.outcomes)
+            self.progress.report()
             self.ctx.set_result(build_result(self.outcomes))
             await self._save_state(source, outcome, validators)
 
@@ -196,10 +213,10 @@ class FetchRun:
             outcome.filtered += parsed.filtered
             outcome.errors += parsed.rejected
             outcome.note(parsed.notes)
-            report_progress(self.ctx, self.outcomes)
+            self.progress.report()
             for batch in chunks(parsed.items, batch_size):
                 outcome.add_counts(await upsert_items(db, source.name, batch))
-                report_progress(self.ctx, self.outcomes)
+                self.progress.report()
             url = parsed.next_url
             if url in visited:
                 outcome.note([f"next-page link loops back to {url}; stopped"])
@@ -233,12 +250,13 @@ async def run_fetch(ctx: JobContext) -> None:
         raise JobFailed("no fetch sources are configured: add [[fetch.sources]] to the "
                         "config file")
     outcomes = {source.name: SourceOutcome(source.name) for source in config.sources}
+    progress = Progress(ctx, outcomes)
     ctx.set_result(build_result(outcomes))
     try:
         async with open_client(concurrency=config.concurrency,
                                user_agent=config.user_agent) as client:
             run = FetchRun(ctx, config, client, trio.CapacityLimiter(config.concurrency),
-                           outcomes)
+                           outcomes, progress)
             async with trio.open_nursery() as nursery:
                 for source in config.sources:
                     nursery.start_soon(run.fetch_source, source, name=f"fetch:{source.name}")
@@ -249,7 +267,7 @@ async def run_fetch(ctx: JobContext) -> None:
             if outcome.outcome in ("pending", "running"):
                 outcome.outcome = "interrupted"
         ctx.set_result(build_result(outcomes))
-        report_progress(ctx, outcomes)
+        progress.report(force=True)
     failed = [outcome for outcome in outcomes.values() if outcome.outcome == "error"]
     if len(failed) == len(outcomes):
         reasons = "; ".join(f"{outcome.name}: {outcome.error}" for outcome in failed[:5])

@@ -1,16 +1,21 @@
 """The fetch's SQL: batched item upserts and per-source state.
 
-One round trip per batch: the batch travels as parallel arrays and is unnested on
-the server, so a thousand items cost one statement, not a thousand. The statement
-also says what happened to each row, because the job result must tell new from
-updated from unchanged items:
+One round trip per batch: the whole batch travels as *one* text parameter, a
+JSON array of rows that the parse thread already serialised (see
+``Item.row_json``), and PostgreSQL unpacks it in C. Measured against nine typed
+arrays, this takes the per-element encoding off the event loop's thread, which
+matters because that thread shares the GIL with the parse threads. The
+statement also says what happened to each row, because the job result must tell
+new from updated from unchanged items: ``xmax = 0`` marks an insert, and
+``updated_at`` moves only when the content hash differs, so ``updated_at =
+now()`` marks a changed row (one batch is one transaction and never holds an id
+twice).
 
-- ``written`` inserts new rows and rewrites rows whose content hash changed
-  (``xmax = 0`` marks an insert);
-- ``touched`` only moves ``last_seen_at`` of rows whose hash is the same, which
-  keeps unchanged items cheap (no new jsonb, no index churn: a HOT update).
-
-Both CTEs see the table as it was before the statement, so no row is counted twice.
+Why not ``DO UPDATE ... WHERE content_hash IS DISTINCT FROM`` plus a second
+``UPDATE`` for ``last_seen_at`` of the unchanged rows: that second statement is a
+join whose plan (measured) hashes every row of the source, so each batch cost
+grew with the table (14 ms for 250 items at 10k rows). Arbiter-index probes keep
+the cost per batch flat; an unchanged row gets a new ``last_seen_at`` either way.
 """
 
 from __future__ import annotations
@@ -25,34 +30,24 @@ from ...db import Database
 from .parse import Item
 
 UPSERT_ITEMS = """
-WITH input AS (
-    SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
-                         $7::text[], $8::text[], $9::bytea[])
-        AS t(external_id, title, url, published_at, author, summary, raw, content_hash)
-),
-written AS (
+WITH upserted AS (
     INSERT INTO items AS i (source, external_id, title, url, published_at, author, summary,
-                            raw, content_hash)
-    SELECT $1, external_id, title, url, published_at, author, summary, raw::jsonb, content_hash
-    FROM input
+                            content_hash, raw)
+    SELECT $1, r->>0, r->>1, r->>2, (r->>3)::timestamptz, r->>4, r->>5,
+           decode(r->>6, 'hex'), r->7
+    FROM jsonb_array_elements($2::text::jsonb) AS r
     ON CONFLICT (source, external_id) DO UPDATE SET
         title = EXCLUDED.title, url = EXCLUDED.url, published_at = EXCLUDED.published_at,
         author = EXCLUDED.author, summary = EXCLUDED.summary, raw = EXCLUDED.raw,
-        content_hash = EXCLUDED.content_hash, last_seen_at = now(), updated_at = now()
-    WHERE i.content_hash IS DISTINCT FROM EXCLUDED.content_hash
-    RETURNING (i.xmax = 0) AS inserted
-),
-touched AS (
-    UPDATE items AS i SET last_seen_at = now()
-    FROM input
-    WHERE i.source = $1 AND i.external_id = input.external_id
-      AND i.content_hash = input.content_hash
-    RETURNING 1
+        content_hash = EXCLUDED.content_hash, last_seen_at = now(),
+        updated_at = CASE WHEN i.content_hash = EXCLUDED.content_hash THEN i.updated_at
+                          ELSE now() END
+    RETURNING (i.xmax = 0) AS inserted, (i.updated_at = now()) AS changed
 )
 SELECT count(*) FILTER (WHERE inserted) AS new,
-       count(*) FILTER (WHERE NOT inserted) AS updated,
-       (SELECT count(*) FROM touched) AS unchanged
-FROM written
+       count(*) FILTER (WHERE changed AND NOT inserted) AS updated,
+       count(*) FILTER (WHERE NOT changed) AS unchanged
+FROM upserted
 """
 
 SAVE_SOURCE_STATE = """
@@ -97,25 +92,16 @@ class Validators:
     last_modified: str | None
 
 
-async def _upsert(conn: asyncpg.Connection, source: str, items: Sequence[Item]) -> asyncpg.Record:
-    return await conn.fetchrow(
-        UPSERT_ITEMS, source,
-        [item.external_id for item in items],
-        [item.title for item in items],
-        [item.url for item in items],
-        [item.published_at for item in items],
-        [item.author for item in items],
-        [item.summary for item in items],
-        [item.raw_json for item in items],
-        [item.content_hash for item in items],
-    )
+async def _upsert(conn: asyncpg.Connection, source: str, rows_json: str) -> asyncpg.Record:
+    return await conn.fetchrow(UPSERT_ITEMS, source, rows_json)
 
 
 async def upsert_items(db: Database, source: str, items: Sequence[Item]) -> UpsertCounts:
     """Upsert one batch (ids unique within it) in one transaction and one round trip."""
     if not items:
         return UpsertCounts()
-    row = await db.run(_upsert, source, items)
+    rows_json = "[" + ",".join(item.row_json for item in items) + "]"
+    row = await db.run(_upsert, source, rows_json)
     return UpsertCounts(new=row["new"], updated=row["updated"], unchanged=row["unchanged"])
 
 
