@@ -211,3 +211,39 @@ async def test_existing_matching_table_with_aliases_types_is_accepted(db: Databa
     await db.execute("CREATE TABLE things (chat_id int8, created_at timestamptz NOT NULL,"
                      " note text, UNIQUE (chat_id))")
     assert await ensure_target_table(db, target) == "verified"
+
+
+def _batch(rows: list[list[Any]], first_row: int, position: int):
+    from nurseryd.kinds.migrate.coerce import RowCoercer, match_header
+    from nurseryd.kinds.migrate.sources.base import SourceBatch
+
+    coerced = RowCoercer(match_header(CHATS_HEADER, CHATS_TARGET.columns)).coerce_rows(
+        [(first_row + i, row) for i, row in enumerate(rows)])
+    return SourceBatch(coerced.copy_bytes(), coerced.written, coerced.rows_seen,
+                       coerced.rejects, position)
+
+
+async def test_merged_batches_with_a_key_in_both_and_direct_copy_fallback(db: Database) -> None:
+    """Batches written in one transaction may repeat a key across them (each is
+    deduplicated alone); a direct COPY into a table that is not empty after all
+    falls back to the upsert. Both keep every row exactly once, last one wins."""
+    from nurseryd.kinds.migrate.pipeline import LoadMode, apply_batch
+
+    await ensure_target_table(db, CHATS_TARGET)
+    job = await new_job(db)
+    plan = LoadPlan.build(CHATS_TARGET, CHATS_HEADER, "UTC")
+    start = {"v": 1, "processed": 0, "failed": 0, "inserted": 0, "updated": 0, "unchanged": 0}
+    later = [list(r) for r in ROWS[:3]]
+    later[0][6] = "reopened"
+    for direct in (True, False):
+        await db.execute("TRUNCATE chats")
+        await db.run(apply_batch, plan, job, [_batch([list(ROWS[0])], 2, 2)], start,
+                     LoadMode(direct=False))  # the table is not empty any more
+        mode = LoadMode(direct=direct)
+        checkpoint = await db.run(apply_batch, plan, job,
+                                  [_batch(ROWS[:3], 2, 4), _batch(later, 5, 7)], start, mode)
+        assert not mode.direct  # switched to the upsert path for good
+        assert (checkpoint["processed"], checkpoint["position"]) == (6, 7)
+        assert await db.fetchval("SELECT count(*) FROM chats") == 3
+        assert await db.fetchval("SELECT status FROM chats WHERE chat_id = 100001") == \
+            "reopened"
