@@ -5,6 +5,7 @@ with no grace: the job is requeued and resumes)."""
 from __future__ import annotations
 
 import signal
+import traceback
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -97,3 +98,20 @@ async def test_kill_mid_import_then_restart_gives_exact_rows_and_counts(
             == "CH-000010"
         assert await db.fetchval("SELECT message_count FROM chats WHERE chat_id = $1",
                                  100000 + ROWS) == 1 + ROWS % 40
+
+
+async def test_daemon_refuses_to_start_when_a_target_table_does_not_match(
+        database_url: str, state_dir: Path, tmp_path: Path, aio_loop: object) -> None:
+    from nurseryd.db import open_database
+
+    async with open_database(database_url, min_size=1, max_size=1) as db:
+        await db.execute("CREATE TABLE chats (chat_id text PRIMARY KEY)")
+    env = _env(database_url, state_dir, _config(tmp_path))
+    try:
+        async with DaemonProcess.start(env):
+            pytest.fail("the daemon started on a mismatching table")
+    except (RuntimeError, BaseExceptionGroup) as error:  # the harness's nursery may wrap it
+        text = "".join(traceback.format_exception(error))
+    assert "exited with 1 before listening" in text
+    assert "table public.chats does not match target 'chats'" in text
+    assert "column chat_id is text, the target says bigint" in text

@@ -149,7 +149,11 @@ def run(spec: dict[str, Any], out: Output) -> None:
     pending: list[tuple[int, Any]] = []
     last_seen = max(header_row, start_after)
 
+    parent = os.getppid()
+
     def flush() -> None:
+        if os.getppid() != parent:
+            raise BrokenPipeError("the daemon is gone")  # SIGKILLed: stop parsing for nobody
         batch = coercer.coerce_rows(pending)
         meta = {"last_row": last_seen, "rows_seen": batch.rows_seen, "written": batch.written,
                 "rejects": [[r.row_number, r.column, r.reason, r.raw] for r in batch.rejects]}
