@@ -100,13 +100,18 @@ def sources_config(port: int, count: int) -> list[dict[str, Any]]:
     } for i in range(count)]
 
 
-def postgres_cpu_s() -> float:
-    """CPU seconds used so far by every PostgreSQL process of this user."""
-    total = 0.0
+def postgres_cpu() -> dict[int, float]:
+    """CPU seconds used so far by each PostgreSQL process, by pid."""
+    found = {}
     for proc in psutil.process_iter(["name", "cpu_times"]):
         if (proc.info["name"] or "").startswith("postgres") and proc.info["cpu_times"]:
-            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
-    return total
+            found[proc.pid] = proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return found
+
+
+def cpu_since(before: dict[int, float]) -> float:
+    """PostgreSQL CPU since ``before`` (processes that exited meanwhile are not counted)."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in postgres_cpu().items())
 
 
 class PeakRss:
@@ -123,8 +128,8 @@ class PeakRss:
             await trio.sleep(0.005)
 
     @property
-    def growth_mib(self) -> float:
-        return (self.peak - self.start) / 2**20
+    def peak_mib(self) -> float:
+        return self.peak / 2**20
 
 
 async def run_job(db: Any, port: int, sources: int, concurrency: int) -> tuple[float, PeakRss,
@@ -141,7 +146,7 @@ async def run_job(db: Any, port: int, sources: int, concurrency: int) -> tuple[f
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         nursery.start_soon(rss.sample)
-        cpu, pg_cpu = rss.process.cpu_times(), postgres_cpu_s()
+        cpu, pg_cpu = rss.process.cpu_times(), postgres_cpu()
         started = time.perf_counter()
         job = await supervisor.submit("fetch", {"trigger": "api"}, timeout_s=600)
         handle = supervisor.registry.get(job["id"])
@@ -152,7 +157,7 @@ async def run_job(db: Any, port: int, sources: int, concurrency: int) -> tuple[f
         elapsed = time.perf_counter() - started
         after = rss.process.cpu_times()
         rss.cpu_s = (after.user + after.system) - (cpu.user + cpu.system)
-        rss.pg_cpu_s = postgres_cpu_s() - pg_cpu
+        rss.pg_cpu_s = cpu_since(pg_cpu)
         supervisor.request_stop()
         supervisor.request_stop()
         nursery.cancel_scope.cancel()
@@ -166,6 +171,10 @@ async def measure_job(dsn: str, port: int, args: argparse.Namespace) -> dict[str
     async with trio_asyncio.open_loop(), open_database(dsn, max_size=10) as db:
         await apply_migrations(db)
         await db.execute("TRUNCATE items, fetch_sources, jobs CASCADE")
+        # Warm-up (not timed): one-time allocations (TLS context, thread pool,
+        # statement caches) must not count as memory that grows with sources.
+        _, warmup, _ = await run_job(db, port, args.concurrency, args.concurrency)
+        await db.execute("TRUNCATE items, fetch_sources")
         cold, rss, first = await run_job(db, port, args.sources, args.concurrency)
         count = await db.fetchval("SELECT count(*) FROM items")
         assert count == args.sources * args.items, count
@@ -177,7 +186,8 @@ async def measure_job(dsn: str, port: int, args: argparse.Namespace) -> dict[str
         _, rss_double, _ = await run_job(db, port, 2 * args.sources, args.concurrency)
         await db.execute("TRUNCATE items, fetch_sources")
     return {"cold": cold, "cold_cpu": rss.cpu_s, "cold_pg_cpu": rss.pg_cpu_s, "warm": warm,
-            "items": count, "rss": rss.growth_mib, "rss_double": rss_double.growth_mib,
+            "items": count, "rss_warmup": warmup.peak_mib, "rss": rss.peak_mib,
+            "rss_double": rss_double.peak_mib,
             "counters": {key: first[key] for key in ("total", "processed", "failed")}}
 
 
@@ -266,9 +276,10 @@ def main() -> None:
     print(f"CPU during the empty-table job: this process {job['cold_cpu']:.2f} s, "
           f"PostgreSQL {job['cold_pg_cpu']:.2f} s (wall {job['cold']:.2f} s on "
           f"{os.cpu_count()} CPUs)")
-    print(f"peak RSS growth during the job: {job['rss']:.1f} MiB for {args.sources} sources, "
-          f"{job['rss_double']:.1f} MiB for {2 * args.sources} sources "
-          f"(concurrency {args.concurrency} both times)")
+    print(f"peak RSS of this process: {job['rss_warmup']:.0f} MiB in the warm-up "
+          f"({args.concurrency} sources), {job['rss']:.0f} MiB with {args.sources} sources, "
+          f"{job['rss_double']:.0f} MiB with {2 * args.sources} sources "
+          f"(concurrency {args.concurrency} each time)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Local HTTP servers for the fetch tests and benchmark: real sockets on 127.0.0.1.
 
 A tiny HTTP/1.1 server on Trio sockets and h11 (the parser httpx itself uses),
-one request per connection. Each path maps to an async handler that gets the
+with keep-alive. Each path maps to an async handler that gets the
 :class:`Request` and returns a :class:`Reply`, or ``None`` to drop the connection.
 Handlers can hang (``await request.wait_closed()``) to play a server that never
 answers; the server records every request, so tests assert on what the client
@@ -98,44 +98,56 @@ class LocalServer:
         return self.route(path, handler)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
+        """Requests on one connection, kept alive like a real server's."""
         conn = h11.Connection(h11.SERVER)
-        request: Request | None = None
         try:
             while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    target = event.target.decode()
-                    path, _, query = target.partition("?")
-                    request = Request(
-                        method=event.method.decode(), path=path, query=query,
-                        headers={k.decode().lower(): v.decode() for k, v in event.headers},
-                        at=trio.current_time(), stream=stream,
-                    )
-                    self.requests.append(request)
+                request = await self._receive(conn, stream)
+                if request is None:
+                    return
+                handler = self.routes.get(request.path, self.fallback)
+                reply = await handler(request) if handler else Reply(404, b'{"error":"no route"}')
+                if reply is None:
+                    self.abandoned += 1
+                    self.abandoned_event.set()
                     self._notify()
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-            assert request is not None
-            handler = self.routes.get(request.path, self.fallback)
-            reply = await handler(request) if handler else Reply(404, b'{"error":"no route"}')
-            if reply is None:
-                self.abandoned += 1
-                self.abandoned_event.set()
-                self._notify()
-                return
-            await self._send(conn, stream, reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+                    return
+                await self._send(conn, stream, reply)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             return
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def _receive(self, conn: h11.Connection, stream: trio.SocketStream) -> Request | None:
+        """The next whole request, or ``None`` when the client closed the connection."""
+        request: Request | None = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                conn.receive_data(data)
+                if not data and conn.their_state is not h11.SEND_BODY:
+                    return None
+            elif isinstance(event, h11.Request):
+                target = event.target.decode()
+                path, _, query = target.partition("?")
+                request = Request(
+                    method=event.method.decode(), path=path, query=query,
+                    headers={k.decode().lower(): v.decode() for k, v in event.headers},
+                    at=trio.current_time(), stream=stream,
+                )
+                self.requests.append(request)
+                self._notify()
+            elif isinstance(event, h11.EndOfMessage):
+                return request
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
     async def _send(self, conn: h11.Connection, stream: trio.SocketStream, reply: Reply) -> None:
-        headers = [("Connection", "close"), *reply.headers]
+        headers = list(reply.headers)
         if reply.content_type:
             headers.append(("Content-Type", reply.content_type))
         body = reply.body
