@@ -163,6 +163,25 @@ async def test_sqlite_missing_file_is_retried_then_fails(target_db: Database,
     assert len(waits) == 2 and 0.25 <= waits[0] <= 0.5 and 0.5 <= waits[1] <= 1.0
 
 
+async def test_sqlite_cancel_interrupts_the_running_statement(target_db: Database,
+                                                              tmp_path: Path) -> None:
+    path = make_sqlite_source(tmp_path / "legacy.db", 10)
+    slow = ("SELECT c.* FROM chats c WHERE (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL "
+            "SELECT i + 1 FROM n WHERE i < 2000000000) SELECT count(*) FROM n) > 0")
+    settings = plain_settings(f"""
+        [sources.slow]
+        url = "sqlite:///{path}"
+        query = "{slow}"
+        key = ["chat_id"]
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with trio.move_on_after(0.3) as scope:  # minutes of work for SQLite: cancelled mid-way
+        await run(ctx, source_for(settings, "slow"))
+    assert scope.cancelled_caught
+    # Without sqlite3 interrupt() the worker thread would hold the cancel for minutes.
+    assert trio.current_time() - scope.deadline < 0.5
+
+
 # ------------------------------------------------------------ PostgreSQL -> PG
 
 

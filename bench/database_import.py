@@ -1,0 +1,178 @@
+"""Database migration benchmark: 1,000,000 rows SQLite -> PostgreSQL and
+PostgreSQL -> PostgreSQL through the real daemon (HTTP trigger, job, pipeline),
+with pgloader loading the same SQLite file side by side when it is installed.
+
+Run: ``.venv/bin/python bench/database_import.py [--rows N] [--batch-rows N]``.
+Starts its own PostgreSQL (the embedded pgserver build) in a temporary
+directory, or uses ``NURSERYD_TEST_DATABASE_URL``. Source data is generated
+server-side (see ``tests/source_dbs.py``): 14 columns, one of which the target
+lacks. Peak RSS is sampled every 20 ms from the daemon process (and from
+pgloader's process tree). The machine is shared and noisy: compare the ratio
+measured in the same run, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import psutil
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.daemon_process import DaemonProcess  # noqa: E402
+from tests.pgtools import PgServer, start_test_server  # noqa: E402
+from tests.source_dbs import PG_FILL, PG_SCHEMA, make_sqlite_source  # noqa: E402
+
+
+class PeakRss:
+    """Samples the RSS of a process (and its children) until stopped."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+
+    def sample(self) -> int:
+        try:
+            procs = [self.process, *self.process.children(recursive=True)]
+            rss = sum(p.memory_info().rss for p in procs)
+        except psutil.Error:
+            return self.peak
+        self.peak = max(self.peak, rss)
+        return rss
+
+    async def run(self, interval: float = 0.02) -> None:
+        while True:
+            self.sample()
+            await trio.sleep(interval)
+
+
+def fill_postgres(server: PgServer, database: str, rows: int) -> None:
+    server.psql(PG_SCHEMA, database)
+    step = 250_000
+    for first in range(1, rows + 1, step):
+        last = min(rows, first + step - 1)
+        server.psql(PG_FILL.replace("$1::bigint", str(first)).replace("$2::bigint", str(last)),
+                    database)
+    server.psql("VACUUM ANALYZE legacy_chats", database)
+
+
+async def daemon_import(client: httpx.AsyncClient, server: PgServer, target_db: str,
+                        source: str, rss: PeakRss, rows: int) -> tuple[float, dict]:
+    server.psql("TRUNCATE chats", target_db)
+    rss.peak = 0
+    started = time.perf_counter()
+    response = await client.post("/migration/database", json={"source_identifier": source})
+    response.raise_for_status()
+    job_id = response.json()["id"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rss.run)
+        while True:
+            job = (await client.get(f"/migration/jobs/{job_id}")).json()
+            if job["status"] not in ("queued", "running"):
+                break
+            await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    elapsed = time.perf_counter() - started
+    if job["status"] != "completed" or job["processed"] != rows:
+        raise SystemExit(f"{source}: {job['status']} {job['processed']}/{rows}: {job['error']}")
+    return elapsed, job
+
+
+def pgloader_url(server: PgServer, database: str) -> str:
+    parts = urlsplit(server.base_url)
+    host = parse_qs(parts.query).get("host", [None])[0]
+    if host:  # pgserver listens on a Unix socket: pgloader's unix:<dir>:<port> syntax
+        sockets = sorted(Path(host).glob(".s.PGSQL.*"))
+        port = sockets[0].name.rsplit(".", 1)[1] if sockets else "5432"
+        return f"postgresql://{parts.username or 'postgres'}@unix:{host}:{port}/{database}"
+    return server.url(database)
+
+
+async def run_pgloader(server: PgServer, sqlite_path: Path, database: str,
+                       rows: int) -> tuple[float, int] | None:
+    binary = shutil.which("pgloader")
+    if binary is None:
+        return None
+    server.create_database(database)
+    started = time.perf_counter()
+    process = await trio.lowlevel.open_process(
+        [binary, "--quiet", "--on-error-stop", str(sqlite_path), pgloader_url(server, database)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rss = PeakRss(process.pid)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rss.run)
+        await process.wait()
+        nursery.cancel_scope.cancel()
+    elapsed = time.perf_counter() - started
+    loaded = int(server.psql("SELECT count(*) FROM chats", database).strip() or 0)
+    if process.returncode != 0 or loaded != rows:
+        print(f"pgloader exited {process.returncode}, loaded {loaded}/{rows}", flush=True)
+    return elapsed, rss.peak
+
+
+def line(name: str, seconds: float, rows: int, rss: int, ratio: str = "") -> None:
+    print(f"| {name} | {seconds:.2f} s | {rows / seconds:,.0f} rows/s | "
+          f"{rss / 1024**2:.0f} MB | {ratio} |", flush=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch-rows", type=int, default=10_000)
+    args = parser.parse_args()
+    rows = args.rows
+    work = Path(tempfile.mkdtemp(prefix="nurseryd-bench-db-"))
+    server = start_test_server(work)
+    try:
+        suffix = str(os.getpid())
+        target_db, source_db = f"bench_target_{suffix}", f"bench_source_{suffix}"
+        server.create_database(target_db)
+        server.create_database(source_db)
+        started = time.perf_counter()
+        sqlite_path = make_sqlite_source(work / "legacy.db", rows)
+        fill_postgres(server, source_db, rows)
+        print(f"generated {rows:,} source rows in SQLite and PostgreSQL in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+        config = work / "nurseryd.toml"
+        config.write_text(
+            f'[sources.sqlite]\nurl = "sqlite:///{sqlite_path}"\ntable = "chats"\n'
+            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n\n'
+            f'[sources.pg]\nurl = "{server.url(source_db)}"\ntable = "legacy_chats"\n'
+            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n')
+        env = {"NURSERYD_DATABASE_URL": server.url(target_db),
+               "NURSERYD_STATE_DIR": str(work / "state"), "NURSERYD_CONFIG": str(config)}
+        print(f"\n{rows:,} rows, batch_rows={args.batch_rows}\n")
+        print("| load | time | rate | peak RSS | vs pgloader |")
+        print("|---|---|---|---|---|")
+        async with DaemonProcess.start(env) as daemon, daemon.client(timeout=30) as client:
+            rss = PeakRss(daemon.process.pid)
+            idle = rss.sample()
+            sqlite_s, _ = await daemon_import(client, server, target_db, "sqlite", rss, rows)
+            sqlite_rss = rss.peak
+            pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows)
+            pg_rss = rss.peak
+        loader = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}", rows)
+        ratio = f"{loader[0] / sqlite_s:.2f}x faster" if loader else "pgloader not installed"
+        line("nurseryd SQLite -> PG", sqlite_s, rows, sqlite_rss, ratio)
+        line("nurseryd PG -> PG", pg_s, rows, pg_rss, "")
+        if loader:
+            line("pgloader SQLite -> PG", loader[0], rows, loader[1], "1.00x")
+        print(f"\ndaemon RSS idle before the imports: {idle / 1024**2:.0f} MB")
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    trio.run(main)
