@@ -235,3 +235,33 @@ def test_real_workbooks_pass_sniffing(tmp_path: Path) -> None:
     sniff_upload(xf.write_openpyxl(tmp_path / "a.xlsx", ROWS[:2]))
     sniff_upload(xf.write_xlsxwriter(tmp_path / "b.xlsx", ROWS[:2]))
 
+
+
+@pytest.mark.parametrize("reader", ["calamine", "openpyxl"])
+async def test_table_starting_below_and_right_of_a1(db: Database, tmp_path: Path,
+                                                    reader: str) -> None:
+    """Leading empty rows and columns: row numbers stay the sheet's, no row is lost."""
+    header = ["chat_id", "external_id", "channel", "status", "created_at", "message_count",
+              "is_vip"]
+
+    def place(workbook, worksheet) -> None:
+        worksheet.delete_rows(1, 100)
+        for r, row in enumerate([header, *rows, [None] * 7, rows_last], start=3):
+            for c, value in enumerate(row, start=3):
+                worksheet.cell(r, c, value)
+
+    when = dt.datetime(2024, 1, 1)
+    rows = [[i, f"E{i}", "web", "open", when, i, False] for i in range(1, 4)]
+    rows[1][6] = "sometimes"  # a reject: its row number must be the sheet's (row 5)
+    rows_last = [9, "E9", "web", "open", when, 9, True]
+    path = xf.write_openpyxl(tmp_path / "offset.xlsx", [], header=None, extra=place)
+    job = await new_job(db)
+    await ensure_target_table(db, CHATS_TARGET)
+    ctx = LocalContext(db, job)
+    await run_pipeline(ctx, ExcelSource(path, None, MigrationSettings(reader=reader)),
+                       CHATS_TARGET)
+    assert ctx.counters == {"total": 4, "processed": 3, "failed": 1}
+    assert await db.fetchval("SELECT array_agg(chat_id ORDER BY chat_id) FROM chats") == \
+        [1, 3, 9]
+    assert await db.fetchval("SELECT row_number FROM migration_rejects WHERE job_id = $1",
+                             job) == 5

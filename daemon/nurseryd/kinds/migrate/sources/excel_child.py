@@ -87,19 +87,19 @@ def _blank(row: Sequence[Any]) -> bool:
 
 
 def calamine_rows(path: str, info: WorkbookInfo) -> tuple[Iterator[tuple[int, list[Any]]], int]:
-    """(row number, values) from python-calamine, plus the exact sheet height."""
+    """(row number, values) from python-calamine, plus the sheet's last row number.
+
+    ``iter_rows`` starts at sheet row 1 even when the data starts lower (it yields
+    the leading empty rows; only leading empty *columns* are trimmed), while
+    ``start``/``height`` describe the used range: last row = start + height.
+    """
     from python_calamine import CalamineWorkbook
 
     workbook = CalamineWorkbook.from_path(path)
     sheet = workbook.get_sheet_by_name(info.sheet_name)
     start = sheet.start
-    first = (start[0] if start else 0) + 1
-    height = sheet.height
-
-    def numbered() -> Iterator[tuple[int, list[Any]]]:
-        return zip(range(first, first + height), sheet.iter_rows(), strict=False)
-
-    return numbered(), first + height - 1
+    last_row = (start[0] if start else 0) + sheet.height
+    return enumerate(sheet.iter_rows(), 1), last_row
 
 
 def openpyxl_rows(path: str, info: WorkbookInfo) -> tuple[Iterator[tuple[int, Any]], int | None]:
