@@ -163,6 +163,26 @@ async def test_sqlite_missing_file_is_retried_then_fails(target_db: Database,
     assert len(waits) == 2 and 0.25 <= waits[0] <= 0.5 and 0.5 <= waits[1] <= 1.0
 
 
+async def test_sqlite_sql_error_fails_at_once_with_the_message(target_db: Database,
+                                                              tmp_path: Path) -> None:
+    path = make_sqlite_source(tmp_path / "legacy.db", 10)
+    settings = plain_settings(f"""
+        [sources.typo]
+        url = "sqlite:///{path}"
+        table = "chat"
+        key = ["chat_id"]
+    """)
+    waits: list[float] = []
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    with pytest.raises(JobFailed, match=r"^source typo \(sqlite\): no such table: chat$"):
+        await run(ctx, source_for(settings, "typo", sleep=record))
+    assert waits == []
+
+
 async def test_sqlite_cancel_interrupts_the_running_statement(target_db: Database,
                                                               tmp_path: Path) -> None:
     path = make_sqlite_source(tmp_path / "legacy.db", 10)

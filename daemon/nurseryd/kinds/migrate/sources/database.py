@@ -109,6 +109,7 @@ class Backend:
 
     kind: str
     config: DatabaseSourceConfig
+    conn: Any = None  # the open connection, None while disconnected
 
     def classify(self, error: BaseException) -> ErrorClass:
         raise NotImplementedError
@@ -363,7 +364,7 @@ class DatabaseSource:
         while True:
             attempt += 1
             try:
-                if getattr(backend, "conn", None) is None:
+                if backend.conn is None:
                     await backend.connect()
                 return await operation()
             except SourceError:
