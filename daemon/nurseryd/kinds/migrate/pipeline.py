@@ -235,7 +235,6 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
         ctx.checkpoint.get("v") == CHECKPOINT_VERSION else None
     counters = Counters.from_checkpoint(checkpoint)
     resume = checkpoint.get("position") if checkpoint else None
-    total: int | None = None
     ctx.report(processed=counters.processed, failed=counters.failed)
     plan: LoadPlan | None = None
     header: Header | None = None
@@ -255,8 +254,7 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
         async with receive:
             async for event in receive:
                 if isinstance(event, Total):
-                    total = event.total
-                    ctx.report(total=total)
+                    ctx.report(total=event.total)
                 elif isinstance(event, Header):
                     header = event
                     plan = LoadPlan.build(target, event.columns, timezone)
@@ -276,7 +274,6 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
         raise JobFailed("the source ended without a header row")
     final_total = counters.processed + counters.failed
     ctx.report(total=final_total, processed=counters.processed, failed=counters.failed)
-    del total
     return {
         "source_type": source.source_type, "target": target.name, "table": target.table,
         "rows": final_total, **asdict(counters), "rejected": counters.failed,

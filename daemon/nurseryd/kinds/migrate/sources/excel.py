@@ -112,8 +112,10 @@ class ExcelSource:
     def _crash_reason(self, code: int | None, state: _RunState) -> str:
         budget = self.settings.memory_budget_bytes // 1024**2
         if code is not None and code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ \
-                else f"signal {-code}"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             if -code == signal.SIGXCPU:
                 return (f"the parser used more than {self.settings.parse_timeout_s:g} s of CPU "
                         "(migration.parse_timeout_s) and was stopped")
