@@ -210,3 +210,32 @@ async def test_cancel_mid_import_keeps_committed_rows_and_rerun_completes(
     done = await finished(daemon, again["id"])
     assert done["status"] == "completed" and done["processed"] == 2000
     assert await db.fetchval("SELECT count(*) FROM chats") == 2000
+
+
+async def test_orphan_uploads_are_removed_at_start_but_not_those_of_queued_jobs(
+        database_url: str, state_dir: Path, aio_loop: object) -> None:
+    from nurseryd.db import open_database
+    from nurseryd.db.migrate import apply_migrations
+    from nurseryd.kinds.migrate.uploads_dir import sweep_uploads
+
+    directory = uploads_dir(state_dir)
+    directory.mkdir(parents=True)
+    for name in ("crashed-request.part", "finished-job.xlsx", "queued-job.xlsx"):
+        (directory / name).write_bytes(b"PK")
+    async with open_database(database_url, min_size=1, max_size=1) as db:
+        await apply_migrations(db)
+        await db.execute(
+            "INSERT INTO jobs (kind, status, params, timeout_s) VALUES"
+            " ('migration', 'queued', $1, 60), ('migration', 'completed', $2, 60)",
+            {"source_type": "excel", "upload": "queued-job.xlsx", "target": "nope"},
+            {"source_type": "excel", "upload": "finished-job.xlsx", "target": "chats"})
+        # While running, young files are left alone (an upload may be between its
+        # rename and its job's insert); at start nothing is in flight.
+        assert await sweep_uploads(db, state_dir, at_start=False) == []
+        removed = await sweep_uploads(db, state_dir, at_start=True)
+    assert sorted(removed) == ["crashed-request.part", "finished-job.xlsx"]
+    assert (directory / "queued-job.xlsx").exists()
+
+    (directory / "another-orphan.part").write_bytes(b"PK")
+    async with run_daemon(make_settings(database_url, state_dir)):
+        assert not (directory / "another-orphan.part").exists()  # the start-up sweep
