@@ -143,3 +143,53 @@ async def new_job(db: Database) -> int:
     return await db.fetchval(
         "INSERT INTO jobs (kind, timeout_s, status) VALUES ('migration', 60, 'running')"
         " RETURNING id")
+
+
+class StopAfter:
+    """Runs a real source but intervenes after ``batches`` batches: by default it
+    breaks off the way a crash would (the pipeline commits what it received,
+    then the job fails); with ``action`` it awaits ``action()`` and goes on.
+
+    An intervention at an exact point (a cancel from a progress report lands
+    wherever the pipeline's group commit happens to be), so tests know what
+    was committed and what the source was doing.
+    """
+
+    def __init__(self, inner: Any, batches: int,
+                 action: Callable[[], Any] | None = None) -> None:
+        self.inner = inner
+        self.batches = batches
+        self.action = action
+        self.source_type = inner.source_type
+
+    async def run(self, columns: Any, resume: Any, send: Any) -> None:
+        import trio
+
+        from nurseryd.kinds.migrate.sources.base import SourceBatch, SourceError
+
+        inner_send, inner_receive = trio.open_memory_channel[Any](0)
+        forwarded = 0
+        stopped = False
+
+        async def run_inner() -> None:
+            async with inner_send:
+                await self.inner.run(columns, resume, inner_send)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_inner)
+            async with inner_receive:
+                async for event in inner_receive:
+                    if isinstance(event, SourceBatch):
+                        if forwarded == self.batches:
+                            if self.action is None:
+                                stopped = True
+                                nursery.cancel_scope.cancel()
+                                break
+                            await self.action()
+                        forwarded += 1
+                    await send.send(event)
+        if stopped:
+            raise SourceError(f"interrupted after {forwarded} batches")
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()

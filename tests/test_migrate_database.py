@@ -37,6 +37,7 @@ from tests.source_dbs import (
     PG_FILL,
     PG_SCHEMA,
     SourceContext,
+    StopAfter,
     expected_chat,
     make_sqlite_source,
     new_job,
@@ -73,7 +74,7 @@ async def fill_pg(source: Database, first: int, last: int) -> None:
     await source.execute(PG_FILL, first, last)
 
 
-async def run(ctx: SourceContext, source: DatabaseSource) -> dict[str, Any]:
+async def run(ctx: SourceContext, source: Any) -> dict[str, Any]:
     return await run_pipeline(ctx, source, CHATS_TARGET)
 
 
@@ -122,15 +123,12 @@ async def test_sqlite_resume_after_interruption_applies_each_row_once(
     """)
     job = await new_job(target_db)
     first = SourceContext(target_db, job, settings)
-
-    with trio.CancelScope() as scope:  # interrupted once ~2,000 rows are committed
-        first.on_report = lambda c: scope.cancel() if (c["processed"] or 0) >= 2000 else None
-        await run(first, source_for(settings, "legacy"))
-    assert scope.cancelled_caught
+    with pytest.raises(JobFailed, match="interrupted after 4 batches"):
+        await run(first, StopAfter(source_for(settings, "legacy"), 4))
     committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
-    stopped_at = committed["processed"] + committed["failed"]
-    assert 2000 <= stopped_at < 5000
-    assert await target_db.fetchval("SELECT count(*) FROM chats") == committed["processed"]
+    assert committed["position"] == {"after": [102000], "rows": 2000}
+    assert (committed["processed"], committed["failed"]) == (1999, 1)
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == 1999
 
     second = SourceContext(target_db, job, settings, checkpoint=committed)
     result = await run(second, source_for(settings, "legacy"))
@@ -287,19 +285,14 @@ async def test_postgres_source_dropped_mid_stream_reconnects_without_duplicates(
     settings = pg_settings(url, batch_rows="1000", retry_backoff_s="0.01")
     ctx = SourceContext(target_db, await new_job(target_db), settings)
     killed: list[bool] = []
-    midway = trio.Event()
-    ctx.on_report = lambda c: midway.set() if (c["processed"] or 0) >= 3000 else None
 
-    async def kill_source_connection() -> None:
-        await midway.wait()
+    async def kill_source_connection() -> None:  # between pages: the connection is idle
         killed.append(await source.fetchval(
             "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity "
             "WHERE application_name = $1 AND datname = current_database()", APPLICATION_NAME))
 
     dropping = source_for(settings, "legacy")
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(kill_source_connection)
-        result = await run(ctx, dropping)
+    result = await run(ctx, StopAfter(dropping, 3, kill_source_connection))
     assert killed == [True]
     assert result["reconnects"] >= 1
     assert ctx.counters == {"total": 20_000, "processed": 20_000, "failed": 0}

@@ -23,7 +23,13 @@ from nurseryd.kinds.migrate.tables import ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET
 from tests.daemon_process import make_settings, run_daemon
 from tests.sheets_server import Sheet, SheetsServer, sheets_server
-from tests.source_dbs import SourceContext, new_job, plain_settings, settings_with
+from tests.source_dbs import (
+    SourceContext,
+    StopAfter,
+    new_job,
+    plain_settings,
+    settings_with,
+)
 
 SHEET_ID = "1BxiMVs0XRA5nFMdKvBdBZjgmUUqptlbs74OgvE2upms"
 HEADER = ["Chat ID", "External ID", "Customer", "E-mail", "Phone", "Channel", "Status",
@@ -202,13 +208,12 @@ async def test_resume_from_the_last_committed_window(target_db: Database) -> Non
         server.spreadsheets[SHEET_ID] = [make_sheet(50)]
         settings = settings_for(server, window_rows=10)
         job = await new_job(target_db)
-        with trio.CancelScope() as scope:
-            ctx = SourceContext(target_db, job, settings)
-            ctx.on_report = lambda c: scope.cancel() if (c["processed"] or 0) >= 20 else None
-            await run_pipeline(ctx, SheetsSource(sheets_config(settings), SHEET_ID, "Chats"),
-                               CHATS_TARGET)
+        ctx = SourceContext(target_db, job, settings)
+        source = SheetsSource(sheets_config(settings), SHEET_ID, "Chats")
+        with pytest.raises(JobFailed, match="interrupted after 3 batches"):
+            await run_pipeline(ctx, StopAfter(source, 3), CHATS_TARGET)
         committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
-        assert committed["position"] == {"row": committed["processed"] + 1}
+        assert committed["position"] == {"row": 31} and committed["processed"] == 30
         before = len(server.values_requests())
         ctx, result, _ = await run_sheet(target_db, settings, checkpoint=committed, job=job)
         first_window = server.values_requests()[before + 1]
