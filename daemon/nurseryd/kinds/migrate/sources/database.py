@@ -371,6 +371,9 @@ class DatabaseSource:
                 raise
             except Exception as error:
                 await backend.close()
+                # An error caused by our own cancellation (SQLite's "interrupted") is
+                # not the source's fault: let the cancellation through instead.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 verdict = backend.classify(error)
                 where = f"source {self.config.name} ({backend.kind})"
                 if isinstance(error, trio.TooSlowError):
