@@ -265,3 +265,18 @@ async def test_table_starting_below_and_right_of_a1(db: Database, tmp_path: Path
         [1, 3, 9]
     assert await db.fetchval("SELECT row_number FROM migration_rejects WHERE job_id = $1",
                              job) == 5
+
+
+async def test_reader_follows_the_memory_budget(db: Database, tmp_path: Path) -> None:
+    """calamine loads the whole sheet: beyond the budget the streaming reader is used."""
+    from nurseryd.kinds.migrate.sources.excel_child import BASE_BYTES
+
+    rows = [xf.chat_row(i) for i in range(1, 1001)]
+    path = xf.write_xlsxwriter(tmp_path / "budget.xlsx", rows)
+    fits = MigrationSettings(memory_budget_bytes=BASE_BYTES + 64 * 1024**2)
+    tight = MigrationSettings(memory_budget_bytes=BASE_BYTES + 256 * 1024)
+    ctx, result = await migrate(db, path, settings=fits)
+    assert result["reader"] == "calamine" and ctx.counters["processed"] == 1000
+    ctx, result = await migrate(db, path, settings=tight)
+    assert result["reader"] == "openpyxl" and ctx.counters["processed"] == 1000
+    assert result["unchanged"] == 1000  # the same values through the other reader

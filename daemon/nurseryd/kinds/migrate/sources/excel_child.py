@@ -185,6 +185,10 @@ def set_limits(memory_bytes: int, cpu_seconds: float) -> None:
 
 
 def main() -> int:
+    # openpyxl imports numpy whenever it is importable (e.g. next to pandas): ~0.1 s
+    # of start-up for nothing, and OpenBLAS reserves per-thread buffers at import,
+    # which fails under our RLIMIT_AS. The parser never needs it.
+    sys.modules["numpy"] = None  # type: ignore[assignment]
     spec = json.loads(sys.stdin.buffer.read())
     out = Output()
     # Nothing here builds reference cycles; the collector would only rescan the
