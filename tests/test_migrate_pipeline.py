@@ -247,3 +247,39 @@ async def test_merged_batches_with_a_key_in_both_and_direct_copy_fallback(db: Da
         assert await db.fetchval("SELECT count(*) FROM chats") == 3
         assert await db.fetchval("SELECT status FROM chats WHERE chat_id = 100001") == \
             "reopened"
+
+
+async def test_total_is_never_below_the_rows_seen(db: Database) -> None:
+    """A source that under-declares its size (a lying <dimension>): the total
+    follows the rows actually seen and is exact at the end."""
+    from nurseryd.kinds.migrate.sources.base import Total
+
+    class UnderDeclared(ListSource):
+        async def run(self, columns, resume, send) -> None:
+            await send.send(Total(10))  # says 10, has 250
+            await super().run(columns, resume, _SkipTotals(send))
+
+    class _SkipTotals:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        async def send(self, event) -> None:
+            if not isinstance(event, Total):
+                await self.inner.send(event)
+
+    await ensure_target_table(db, CHATS_TARGET)
+    ctx = LocalContext(db, await new_job(db))
+    totals: list[int] = []
+    report = ctx.report
+
+    def spy(**values) -> None:
+        report(**values)
+        if values.get("total") is not None:
+            totals.append(values["total"])
+            assert values["total"] >= ctx.counters["processed"] + ctx.counters["failed"]
+
+    ctx.report = spy
+    await run_pipeline(ctx, UnderDeclared(CHATS_HEADER, ROWS, batch_rows=50), CHATS_TARGET)
+    assert totals[0] == 10 and totals[-1] == 250 and len(totals) >= 3  # raised mid-way too
+    assert all(later >= earlier for earlier, later in zip(totals, totals[1:], strict=False))
+    assert ctx.counters == {"total": 250, "processed": 250, "failed": 0}

@@ -25,7 +25,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -49,6 +49,9 @@ QUEUE_BATCHES = 4
 MAX_MERGED_ROWS = 40_000
 
 
+COUNTER_NAMES = ("processed", "failed", "inserted", "updated", "unchanged")
+
+
 @dataclass
 class Counters:
     processed: int = 0
@@ -56,13 +59,18 @@ class Counters:
     inserted: int = 0
     updated: int = 0
     unchanged: int = 0
+    #: Rows the source expects in all (not part of the checkpoint).
+    expected: int | None = field(default=None, compare=False)
+
+    def saved(self) -> dict[str, int]:
+        """The counters kept in the checkpoint and the result."""
+        return {name: getattr(self, name) for name in COUNTER_NAMES}
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any) -> Counters:
         if not isinstance(checkpoint, dict):
             return cls()
-        return cls(**{name: int(checkpoint.get(name) or 0) for name in
-                      ("processed", "failed", "inserted", "updated", "unchanged")})
+        return cls(**{name: int(checkpoint.get(name) or 0) for name in COUNTER_NAMES})
 
 
 def _quote(name: str) -> str:
@@ -254,7 +262,8 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
         async with receive:
             async for event in receive:
                 if isinstance(event, Total):
-                    ctx.report(total=event.total)
+                    counters.expected = event.total
+                    ctx.report(total=max(event.total, counters.processed + counters.failed))
                 elif isinstance(event, Header):
                     header = event
                     plan = LoadPlan.build(target, event.columns, timezone)
@@ -267,7 +276,12 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
                     await _load(ctx, plan, batches, counters, source, mode)
                     for other in pending:  # a Total that arrived between batches
                         if isinstance(other, Total):
-                            ctx.report(total=other.total)
+                            counters.expected = other.total
+                    done = counters.processed + counters.failed
+                    if counters.expected is not None and done > counters.expected:
+                        counters.expected = done  # the declared size was wrong: never below
+                    if counters.expected is not None:
+                        ctx.report(total=counters.expected)
     if failure:
         raise JobFailed(str(failure[0]))
     if header is None:
@@ -276,7 +290,7 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
     ctx.report(total=final_total, processed=counters.processed, failed=counters.failed)
     return {
         "source_type": source.source_type, "target": target.name, "table": target.table,
-        "rows": final_total, **asdict(counters), "rejected": counters.failed,
+        "rows": final_total, **counters.saved(), "rejected": counters.failed,
         "columns": list(header.columns), "ignored_columns": list(header.ignored),
         **source.describe(),
     }
@@ -309,9 +323,9 @@ async def _load(ctx: JobContext, plan: LoadPlan, batches: list[SourceBatch],
                 counters: Counters, source: Source, mode: LoadMode) -> None:
     for batch in batches:
         batch.rejects = [_reject_tuple(r) for r in batch.rejects]
-    before = {"v": CHECKPOINT_VERSION, "source_type": source.source_type, **asdict(counters)}
+    before = {"v": CHECKPOINT_VERSION, "source_type": source.source_type, **counters.saved()}
     checkpoint = await ctx.db.run(apply_batch, plan, ctx.job_id, batches, before, mode)
-    for name in ("processed", "failed", "inserted", "updated", "unchanged"):
+    for name in COUNTER_NAMES:
         setattr(counters, name, checkpoint[name])
     ctx.report(processed=counters.processed, failed=counters.failed)
     # Keeps the supervisor's copy in step (it rewrites the checkpoint when the job
