@@ -20,6 +20,7 @@ path of every import.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import resource
@@ -146,32 +147,25 @@ def run(spec: dict[str, Any], out: Output) -> None:
         out.send(framing.TOTAL, {"total": max(last_row - header_row, 0)})
     coercer = RowCoercer(match, date1904=info.date1904)
     max_row = header_row + caps.max_rows
-    pending: list[tuple[int, Any]] = []
     last_seen = max(header_row, start_after)
-
     parent = os.getppid()
-
-    def flush() -> None:
+    # islice takes a batch in C: a Python loop over 155k rows cost ~0.15 s here.
+    while pending := list(itertools.islice(rows, batch_rows)):
         if os.getppid() != parent:
             raise BrokenPipeError("the daemon is gone")  # SIGKILLed: stop parsing for nobody
+        if pending[-1][0] > max_row:
+            raise WorkbookRejected(f"sheet {info.sheet_name!r} has more than {caps.max_rows:,} "
+                                   "data rows (migration.max_rows)")
+        last_seen = max(last_seen, pending[-1][0])
+        if pending[0][0] <= start_after:  # resuming: drop what is committed already
+            pending = [item for item in pending if item[0] > start_after]
+            if not pending:
+                continue
         batch = coercer.coerce_rows(pending)
         meta = {"last_row": last_seen, "rows_seen": batch.rows_seen, "written": batch.written,
                 "rejects": [[r.row_number, r.column, r.reason, r.raw] for r in batch.rejects]}
         out.write(*framing.encode_batch(meta, batch.copy_bytes()))
-        pending.clear()
-
-    for number, row in rows:
-        if number > max_row:
-            raise WorkbookRejected(f"sheet {info.sheet_name!r} has more than {caps.max_rows:,} "
-                                   "data rows (migration.max_rows)")
-        if number <= start_after:
-            continue
-        last_seen = number
-        pending.append((number, row))
-        if len(pending) >= batch_rows:
-            flush()
-    if pending:
-        flush()
+        del pending, batch
     out.send(framing.DONE, {"last_row": last_seen})
 
 
