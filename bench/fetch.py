@@ -9,7 +9,10 @@ server's CPU is not charged to the measured process), then measures in one run:
    upserts, counters and result written to the jobs table) on an empty table, and
    again on the now-full table (every item unchanged);
 2. the baseline a script would be: a sequential ``httpx`` loop over the same
-   sources and pages, one ``INSERT ... ON CONFLICT`` per item (autocommit);
+   kind of sources and pages, one ``INSERT ... ON CONFLICT`` per item
+   (autocommit), on ``--baseline-sources`` of them (items/s are compared);
+   job and baseline runs alternate, ``--repeat`` times, so load from other
+   processes hits both alike;
 3. memory: the job's peak RSS growth for N and for 2N sources; it should track
    the concurrency limit, not the number of sources.
 
@@ -19,15 +22,16 @@ Compare ratios, not absolute numbers: the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import hashlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -167,34 +171,51 @@ async def run_job(db: Any, port: int, sources: int, concurrency: int) -> tuple[f
     return elapsed, rss, job
 
 
-async def measure_job(dsn: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(dsn: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Timed job runs and baseline runs, interleaved, ``args.repeat`` times each."""
+    out: dict[str, Any] = {"cold": [], "warm": [], "base": [], "cpu": [], "pg_cpu": []}
     async with trio_asyncio.open_loop(), open_database(dsn, max_size=10) as db:
         await apply_migrations(db)
         await db.execute("TRUNCATE items, fetch_sources, jobs CASCADE")
         # Warm-up (not timed): one-time allocations (TLS context, thread pool,
         # statement caches) must not count as memory that grows with sources.
         _, warmup, _ = await run_job(db, port, args.concurrency, args.concurrency)
-        await db.execute("TRUNCATE items, fetch_sources")
-        cold, rss, first = await run_job(db, port, args.sources, args.concurrency)
-        count = await db.fetchval("SELECT count(*) FROM items")
-        assert count == args.sources * args.items, count
-        # Same sources again: every item is unchanged (no 304: no validators served).
-        warm, _, again = await run_job(db, port, args.sources, args.concurrency)
-        unchanged = sum(s["unchanged"] for s in again["result"]["sources"].values())
-        assert unchanged == count, unchanged
+        for _ in range(args.repeat):
+            await db.execute("TRUNCATE items, fetch_sources")
+            cold, rss, first = await run_job(db, port, args.sources, args.concurrency)
+            count = await db.fetchval("SELECT count(*) FROM items")
+            assert count == args.sources * args.items, count
+            # Same sources again: all unchanged (no 304: the server sends no validators).
+            warm, _, again = await run_job(db, port, args.sources, args.concurrency)
+            assert sum(s["unchanged"] for s in again["result"]["sources"].values()) == count
+            out["cold"].append(cold)
+            out["warm"].append(warm)
+            out["cpu"].append(rss.cpu_s)
+            out["pg_cpu"].append(rss.pg_cpu_s)
+            await db.execute("TRUNCATE items, fetch_sources")
+            out["base"].append(await trio_asyncio.aio_as_trio(baseline)(dsn, port, args))
+        out["rss"] = rss.peak_mib
         await db.execute("TRUNCATE items, fetch_sources")
         _, rss_double, _ = await run_job(db, port, 2 * args.sources, args.concurrency)
+        # Exact Python heap peaks (tracemalloc; slow, so not timed): RSS also moves
+        # with allocator fragmentation, this shows what the job itself holds.
+        heap = {}
+        for sources in (args.sources // 2, args.sources, 2 * args.sources):
+            await db.execute("TRUNCATE items, fetch_sources")
+            tracemalloc.start()
+            await run_job(db, port, sources, args.concurrency)
+            heap[sources] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
         await db.execute("TRUNCATE items, fetch_sources")
-    return {"cold": cold, "cold_cpu": rss.cpu_s, "cold_pg_cpu": rss.pg_cpu_s, "warm": warm,
-            "items": count, "rss_warmup": warmup.peak_mib, "rss": rss.peak_mib,
-            "rss_double": rss_double.peak_mib,
-            "counters": {key: first[key] for key in ("total", "processed", "failed")}}
+    out.update(items=count, rss_warmup=warmup.peak_mib, rss_double=rss_double.peak_mib,
+               heap=heap, counters={key: first[key] for key in ("total", "processed", "failed")})
+    return out
 
 
-async def baseline(dsn: str, port: int, args: argparse.Namespace) -> tuple[float, int]:
-    """What a script does: fetch each page in turn, INSERT each item (autocommit)."""
+async def baseline(dsn: str, port: int, args: argparse.Namespace) -> float:
+    """What a script does: fetch each page in turn, INSERT each item (autocommit).
+    Runs on the asyncio side (plain asyncpg); returns items per second."""
     conn = await asyncpg.connect(dsn)
-    await conn.execute("TRUNCATE items, fetch_sources")
     sql = """INSERT INTO items (source, external_id, title, url, published_at, author, summary,
                                 raw, content_hash)
              VALUES ($1, $2, $3, $4, $5::text::timestamptz, $6, $7, $8::jsonb, $9)
@@ -221,7 +242,13 @@ async def baseline(dsn: str, port: int, args: argparse.Namespace) -> tuple[float
     elapsed = time.perf_counter() - started
     await conn.execute("TRUNCATE items, fetch_sources")
     await conn.close()
-    return elapsed, written
+    return written / elapsed
+
+
+def spread(values: list[float], fmt: str = ",.0f") -> str:
+    """median [min–max], the way shared/bench/README.md reports noisy timings."""
+    return (f"{format(statistics.median(values), fmt)} "
+            f"[{format(min(values), fmt)}–{format(max(values), fmt)}]")
 
 
 def main() -> None:
@@ -230,15 +257,16 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--page-size", type=int, default=250)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--baseline-sources", type=int, default=None,
-                        help="sources the baseline fetches (default: all); its items/s is "
-                             "compared, so a subset keeps a slow baseline short")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--baseline-sources", type=int, default=10,
+                        help="sources the baseline fetches; items/s are compared, and a "
+                             "subset keeps each slow baseline run short (default 10)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         trio.run(serve, args.items, args.page_size)
         return
-    args.baseline_sources = args.baseline_sources or args.sources
+    args.baseline_sources = min(args.baseline_sources, args.sources)
 
     with tempfile.TemporaryDirectory(prefix="nurseryd-bench-fetch-") as tmp:
         pg = start_test_server(Path(tmp))
@@ -251,35 +279,38 @@ def main() -> None:
             assert child.stdout is not None
             port = int(child.stdout.readline().split()[1])
             pg.create_database("bench_fetch")
-            dsn = pg.url("bench_fetch")
-            job = trio.run(measure_job, dsn, port, args)
-            base_s, base_items = asyncio.run(baseline(dsn, port, args))
+            result = trio.run(measure, pg.url("bench_fetch"), port, args)
         finally:
             child.kill()
             child.wait()
             pg.stop()
 
-    total = job["items"]
-    job_rate, warm_rate, base_rate = total / job["cold"], total / job["warm"], base_items / base_s
+    total = result["items"]
+    cold = [total / s for s in result["cold"]]
+    warm = [total / s for s in result["warm"]]
+    base = result["base"]
+    ratio_cold = [c / b for c, b in zip(cold, base, strict=True)]
+    ratio_warm = [w / b for w, b in zip(warm, base, strict=True)]
     print(f"fetch benchmark: {args.sources} local JSON sources × {args.items} items "
           f"({args.page_size} per page), concurrency {args.concurrency}, "
-          f"{os.cpu_count()} CPUs\n")
-    print("| run | items | wall s | items/s | vs baseline |")
+          f"{os.cpu_count()} CPUs; {args.repeat} interleaved runs, median [min–max]\n")
+    print("| run | items | wall s | items/s | vs baseline (same round) |")
     print("|---|---|---|---|---|")
-    print(f"| fetch job, empty table | {total} | {job['cold']:.2f} | {job_rate:,.0f} | "
-          f"{job_rate / base_rate:.1f}× |")
-    print(f"| fetch job, all unchanged | {total} | {job['warm']:.2f} | {warm_rate:,.0f} | "
-          f"{warm_rate / base_rate:.1f}× |")
-    print(f"| baseline: sequential httpx + one INSERT per item | {base_items} | {base_s:.2f} | "
-          f"{base_rate:,.0f} | 1.0× |")
-    print(f"\njob counters: {job['counters']}")
-    print(f"CPU during the empty-table job: this process {job['cold_cpu']:.2f} s, "
-          f"PostgreSQL {job['cold_pg_cpu']:.2f} s (wall {job['cold']:.2f} s on "
-          f"{os.cpu_count()} CPUs)")
-    print(f"peak RSS of this process: {job['rss_warmup']:.0f} MiB in the warm-up "
-          f"({args.concurrency} sources), {job['rss']:.0f} MiB with {args.sources} sources, "
-          f"{job['rss_double']:.0f} MiB with {2 * args.sources} sources "
+    print(f"| fetch job, empty table | {total:,} | {spread(result['cold'], '.2f')} | "
+          f"{spread(cold)} | {spread(ratio_cold, '.1f')}× |")
+    print(f"| fetch job, all unchanged | {total:,} | {spread(result['warm'], '.2f')} | "
+          f"{spread(warm)} | {spread(ratio_warm, '.1f')}× |")
+    print(f"| baseline: sequential httpx + one INSERT per item | "
+          f"{args.baseline_sources * args.items:,} | | {spread(base)} | 1× |")
+    print(f"\njob counters: {result['counters']}")
+    print(f"CPU per empty-table job: this process {spread(result['cpu'], '.2f')} s, "
+          f"PostgreSQL {spread(result['pg_cpu'], '.2f')} s")
+    print(f"peak RSS of this process: {result['rss_warmup']:.0f} MiB in the warm-up "
+          f"({args.concurrency} sources), {result['rss']:.0f} MiB with {args.sources} sources, "
+          f"{result['rss_double']:.0f} MiB with {2 * args.sources} sources "
           f"(concurrency {args.concurrency} each time)")
+    print("peak Python heap during the job (tracemalloc): " + ", ".join(
+        f"{mib:.1f} MiB with {sources} sources" for sources, mib in result["heap"].items()))
 
 
 if __name__ == "__main__":
