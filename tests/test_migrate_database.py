@@ -74,6 +74,14 @@ async def fill_pg(source: Database, first: int, last: int) -> None:
     await source.execute(PG_FILL, first, last)
 
 
+async def source_session_gone(source: Database) -> None:
+    async def gone() -> bool:
+        return await source.fetchval("SELECT count(*) FROM pg_stat_activity "
+                                     "WHERE application_name = $1", APPLICATION_NAME) == 0
+
+    await eventually(gone, timeout=1)
+
+
 async def run(ctx: SourceContext, source: Any) -> dict[str, Any]:
     return await run_pipeline(ctx, source, CHATS_TARGET)
 
@@ -197,7 +205,7 @@ async def test_sqlite_cancel_interrupts_the_running_statement(target_db: Databas
         await run(ctx, source_for(settings, "slow"))
     assert scope.cancelled_caught
     # Without sqlite3 interrupt() the worker thread would hold the cancel for minutes.
-    assert trio.current_time() - scope.deadline < 0.5
+    assert trio.current_time() - scope.deadline < 1.0
 
 
 # ------------------------------------------------------------ PostgreSQL -> PG
@@ -327,9 +335,9 @@ async def test_cancel_mid_stream_cancels_the_query_on_the_source_server(
             await run(ctx, source_for(settings, "slow"))
     assert scope.cancelled_caught
     assert trio.current_time() - cancelled_at[0] < 1.0
-    # The statement is gone from the source server, and so is the connection.
-    assert await source.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", APPLICATION_NAME) == 0
+    # The statement is gone from the source server (it had 50 x 30 s to run), and so is
+    # the connection (its backend exits a moment after the client closes it).
+    await source_session_gone(source)
     assert await target_db.fetchval("SELECT count(*) FROM chats") == 0
 
 
@@ -547,8 +555,6 @@ async def test_http_cancel_stops_the_query_on_the_source_server(
         await eventually(lambda: source.fetchval(running, APPLICATION_NAME), timeout=10)
         response = await daemon.client.post(f"/jobs/{job['id']}/cancel")
         assert response.status_code == 200 and response.json()["status"] == "cancelled"
-        assert await source.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-            APPLICATION_NAME) == 0
+        await source_session_gone(source)
         shown = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
         assert shown["status"] == "cancelled" and shown["source_type"] == "database"
