@@ -74,6 +74,17 @@ async def test_kill_mid_import_then_restart_gives_exact_rows_and_counts(
     upload = state_dir / "uploads" / response.json()["params"]["upload"]
     assert upload.exists()  # kept: the job needs it to resume
 
+    from nurseryd.db import open_database
+
+    async with open_database(database_url, min_size=1, max_size=1) as db:
+        # The stored checkpoint is exactly the committed data: after SIGKILL the
+        # batch transaction wrote it; after SIGTERM the supervisor rewrote it from
+        # its copy, which the pipeline synced as it stopped.
+        job = await db.fetchrow("SELECT status, checkpoint FROM jobs WHERE id = $1", job_id)
+        assert job["status"] in ("queued", "running")  # requeued, or left running by SIGKILL
+        rows_in_table = await db.fetchval("SELECT count(*) FROM chats")
+        assert 200 <= rows_in_table == job["checkpoint"]["processed"] < ROWS
+
     async with DaemonProcess.start(env) as again, again.client() as client, \
             _log_on_failure(again):
         async def done() -> dict | None:
@@ -87,8 +98,6 @@ async def test_kill_mid_import_then_restart_gives_exact_rows_and_counts(
         rejects = (await client.get(f"/jobs/{job_id}/rejects")).json()["rejects"]
         assert [r["row"] for r in rejects] == [52, ROWS - 48]
     assert not upload.exists()  # deleted once the job completed
-
-    from nurseryd.db import open_database
 
     async with open_database(database_url, min_size=1, max_size=1) as db:
         assert await db.fetchval("SELECT count(*) FROM chats") == ROWS - 2
