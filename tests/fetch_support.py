@@ -28,7 +28,6 @@ class LocalJobContext:
     checkpoint: Any = None
     attempts: int = 1
     counters: dict[str, int | None] = field(default_factory=dict)
-    reports: int = 0
     result: Any = None
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
@@ -43,7 +42,6 @@ class LocalJobContext:
 
     def report(self, *, total: int | None = None, processed: int | None = None,
                failed: int | None = None) -> None:
-        self.reports += 1
         for name, value in (("total", total), ("processed", processed), ("failed", failed)):
             if value is not None:
                 self.counters[name] = value

@@ -101,9 +101,6 @@ class FetchConfig:
     user_agent: str = USER_AGENT
     sources: tuple[SourceConfig, ...] = ()
 
-    def source(self, name: str) -> SourceConfig | None:
-        return next((source for source in self.sources if source.name == name), None)
-
 
 def parse_size(key: str, value: Any) -> int:
     """Bytes from ``1048576``, ``"512KiB"``, ``"10MB"``."""
