@@ -128,6 +128,18 @@ async def test_a_burst_of_429s_backs_off_honouring_retry_after(target_db: Databa
     assert len(sleeps.delays) == 3 and all(delay >= 2 for delay in sleeps.delays)
 
 
+async def test_requests_are_paced_to_the_per_minute_quota(target_db: Database) -> None:
+    sleeps = Sleeps()
+    async with sheets_server() as server:
+        server.spreadsheets[SHEET_ID] = [make_sheet(20)]
+        settings = settings_for(server, window_rows=5, requests_per_minute=4)
+        ctx, result, _ = await run_sheet(target_db, settings, sleep=sleeps)
+    # metadata + header + 4 windows: the 5th and 6th requests wait for the minute to pass.
+    assert result["requests"] == 6 and result["quota_waits"] == 2
+    assert len(sleeps.delays) == 2 and all(55 < delay <= 60 for delay in sleeps.delays)
+    assert ctx.counters["processed"] == 20
+
+
 async def test_endless_429s_fail_after_the_configured_attempts(target_db: Database) -> None:
     sleeps = Sleeps()
     async with sheets_server(throttle_values=100, retry_after=None) as server:
@@ -300,6 +312,10 @@ def test_backoff_decisions() -> None:
     assert api.retry_delay(2, retry_after=3, fraction=0.1, **kwargs) == 3  # honoured
     assert api.retry_delay(2, retry_after=600, fraction=0.1, **kwargs) is None  # over the cap
     assert api.retry_delay(5, retry_after=None, fraction=0.5, **kwargs) is None  # bounded
+    assert api.quota_wait([], 0, 60) == 0
+    assert api.quota_wait([1.0, 2.0], 10.0, 3) == 0  # under the quota: no wait
+    assert api.quota_wait([1.0, 2.0, 3.0], 10.0, 3) == 51.0  # the oldest leaves at 61
+    assert api.quota_wait([1.0, 2.0, 3.0], 70.0, 3) == 0
     claims = api.jwt_claims("a@b", "https://oauth2.googleapis.com/token", "s", 1000)
     assert claims == {"iss": "a@b", "scope": "s", "aud": "https://oauth2.googleapis.com/token",
                       "iat": 1000, "exp": 4600}
@@ -312,6 +328,7 @@ def test_backoff_decisions() -> None:
     ({"window_rows": 0}, "google_sheets.window_rows"),
     ({"request_timeout_s": 0}, "google_sheets.request_timeout_s"),
     ({"windows": 5}, "google_sheets.windows"),
+    ({"requests_per_minute": 0}, "google_sheets.requests_per_minute"),
 ])
 def test_sheets_config_errors_name_the_dotted_key(raw: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -215,6 +215,8 @@ class SheetsConfig:
     max_attempts: int = 8
     backoff_s: float = 1.0
     backoff_max_s: float = 64.0
+    #: Requests sent in any 60 s (Google: 60 read requests per minute per user).
+    requests_per_minute: int = 60
 
     @property
     def configured(self) -> bool:
@@ -222,7 +224,7 @@ class SheetsConfig:
 
 
 _SHEETS_KEYS = {"api_base", "api_key", "credentials_file", "window_rows", "request_timeout_s",
-                "max_attempts", "backoff_s", "backoff_max_s"}
+                "max_attempts", "backoff_s", "backoff_max_s", "requests_per_minute"}
 
 
 @register_section("google_sheets")
@@ -271,6 +273,9 @@ def parse_google_sheets(raw: Any, whole: Mapping[str, Any]) -> SheetsConfig:
         max_attempts=parse_positive_int("google_sheets.max_attempts",
                                         raw.get("max_attempts", base.max_attempts)),
         backoff_s=backoff, backoff_max_s=backoff_max,
+        requests_per_minute=parse_positive_int(
+            "google_sheets.requests_per_minute",
+            raw.get("requests_per_minute", base.requests_per_minute)),
     )
 
 

@@ -23,6 +23,7 @@ other request (google-auth's own refresh is synchronous).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import random
@@ -63,6 +64,11 @@ class SheetsSource:
                                                            "windows": 0})
     _token: _Token | None = None
     _sheet: str | None = None
+    #: Send times of the last requests (for the per-minute quota).
+    _sent: collections.deque[float] = field(default_factory=collections.deque)
+
+    def __post_init__(self) -> None:
+        self._sent = collections.deque(maxlen=self.config.requests_per_minute)
 
     # ---------------------------------------------------------------- HTTP
 
@@ -117,6 +123,11 @@ class SheetsSource:
         attempt = 0
         while True:
             attempt += 1
+            wait = api.quota_wait(self._sent, trio.current_time(), config.requests_per_minute)
+            if wait > 0:
+                self.stats["quota_waits"] = self.stats.get("quota_waits", 0) + 1
+                await self.sleep(wait)
+            self._sent.append(trio.current_time())
             self.stats["requests"] += 1
             retry_after = None
             with trio.move_on_after(config.request_timeout_s) as scope:

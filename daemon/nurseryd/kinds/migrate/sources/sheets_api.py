@@ -228,6 +228,21 @@ def retry_delay(attempt: int, *, max_attempts: int, retry_after: float | None, b
     return delay
 
 
+def quota_wait(recent: Sequence[float], now: float, per_minute: int) -> float:
+    """Seconds to wait so that no 60 s window holds more than ``per_minute`` requests.
+
+    ``recent`` are the send times of the last requests, oldest first (at most
+    ``per_minute`` of them are looked at). Google's read quota is per minute
+    (60 per user, 300 per project), so a burst is fine and the pace only
+    matters once a minute's worth has been sent; waiting here is cheaper than
+    collecting 429s and backing off.
+    """
+    if per_minute < 1 or len(recent) < per_minute:
+        return 0.0
+    oldest = recent[-per_minute]
+    return max(0.0, oldest + 60.0 - now)
+
+
 def jwt_claims(client_email: str, token_uri: str, scope: str, now: int) -> dict[str, Any]:
     """The OAuth2 JWT bearer grant assertion for a service account (RFC 7523)."""
     return {"iss": client_email, "scope": scope, "aud": token_uri, "iat": now,
