@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 #: next start, which is the crash path and is safe.
 FINAL_WRITE_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 5.0
+#: How often reported progress counters reach the table (live status resolution).
+PROGRESS_INTERVAL_S = 0.25
 BACKLOG_PAGE = 500
 
 
@@ -132,15 +134,13 @@ class _Context:
     def report(
         self, *, total: int | None = None, processed: int | None = None, failed: int | None = None
     ) -> None:
-        values: dict[str, Any] = {}
         if total is not None:
-            self._handle.total = values["total"] = total
+            self._handle.total = total
         if processed is not None:
-            self._handle.processed = values["processed"] = processed
+            self._handle.processed = processed
         if failed is not None:
-            self._handle.failed = values["failed"] = failed
-        if values:
-            self._supervisor._write_soon(jobsdb.JobUpdate(self.job_id, values))
+            self._handle.failed = failed
+        self._supervisor._progress_dirty.add(self._handle)
 
     async def save_checkpoint(self, checkpoint: Any) -> None:
         self.checkpoint = self._handle.checkpoint = checkpoint
@@ -172,6 +172,8 @@ class Supervisor:
         self._force = False
         self._job_ended = trio.Event()
         self._backlog_lock = trio.Lock()
+        #: Jobs whose counters changed since the last progress flush.
+        self._progress_dirty: set[JobHandle] = set()
         self._inserts: GroupCommitter[jobsdb.NewJob, Any] = GroupCommitter(
             "job inserts", lambda batch: jobsdb.insert_jobs(db, batch)
         )
@@ -205,6 +207,7 @@ class Supervisor:
                 log.info("adopted %d unfinished job(s) from earlier runs", adopted)
             async with trio.open_nursery() as periodic:
                 periodic.start_soon(self._heartbeat)
+                periodic.start_soon(self._flush_progress)
                 async with trio.open_nursery() as jobs:
                     jobs.start_soon(self._dispatch, jobs)
                     jobs.start_soon(self._feed_backlog)
@@ -287,6 +290,22 @@ class Supervisor:
                     return
             while self._waiting >= self.settings.queue_size and not self._draining:
                 await self._job_ended.wait()
+
+    async def _flush_progress(self) -> None:
+        """Write changed counters at most every PROGRESS_INTERVAL_S, all jobs in one batch.
+
+        A kind may report after every row; the table sees at most a few updates
+        per second per job, and the final status write carries the exact values.
+        """
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            dirty, self._progress_dirty = self._progress_dirty, set()
+            for handle in dirty:
+                if handle.id in self.registry and not handle.finished.is_set():
+                    self._write_soon(jobsdb.JobUpdate(handle.id, {
+                        "total": handle.total, "processed": handle.processed,
+                        "failed": handle.failed,
+                    }))
 
     async def _heartbeat(self) -> None:
         while True:

@@ -57,7 +57,8 @@ class JobContext(Protocol):
         processed: int | None = None,
         failed: int | None = None,
     ) -> None:
-        """Publish absolute progress counters. Never blocks: writes are batched."""
+        """Publish absolute progress counters. Never blocks: the table sees them
+        within a quarter second (coalesced), and exactly in the final status."""
 
     async def save_checkpoint(self, checkpoint: Any) -> None:
         """Durably store ``checkpoint`` (JSON) with the current counters."""
