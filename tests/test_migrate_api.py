@@ -239,3 +239,28 @@ async def test_orphan_uploads_are_removed_at_start_but_not_those_of_queued_jobs(
     (directory / "another-orphan.part").write_bytes(b"PK")
     async with run_daemon(make_settings(database_url, state_dir)):
         assert not (directory / "another-orphan.part").exists()  # the start-up sweep
+
+
+async def test_client_gone_mid_upload_leaves_no_file(daemon: InProcessDaemon) -> None:
+    from tests.polling import eventually
+
+    host, port = daemon.base_url.removeprefix("http://").split(":")
+    boundary = "gone"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"x.xlsx\"\r\n\r\n").encode() + b"PK\x03\x04" + b"x" * 200_000
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        b"POST /migration/excel HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        b"boundary=gone\r\nContent-Length: 1000000\r\n\r\n" + head)
+
+    async def receiving() -> bool:
+        return any(name.endswith(".part") for name in stored_uploads(daemon))
+
+    await eventually(receiving, timeout=5, interval=0.01)  # the handler is streaming it
+    await stream.aclose()  # the client vanishes mid-body
+
+    async def cleaned() -> bool:
+        return stored_uploads(daemon) == []
+
+    await eventually(cleaned, timeout=10, interval=0.02)
+    assert (await daemon.client.get("/healthz")).status_code == 200
