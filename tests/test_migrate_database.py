@@ -25,8 +25,8 @@ from nurseryd.kinds.migrate.sources.database import (
     APPLICATION_NAME,
     DatabaseSource,
     ErrorClass,
-    backoff_delay,
     classify_pg_error,
+    reconnect_delay,
 )
 from nurseryd.kinds.migrate.tables import ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET
@@ -401,7 +401,7 @@ def test_error_classes() -> None:
     assert classify_pg_error(asyncpg.InvalidCatalogNameError("x")) is ErrorClass.FATAL
     assert classify_pg_error(asyncpg.AdminShutdownError("x")) is ErrorClass.TRANSIENT
     assert classify_pg_error(asyncpg.UndefinedTableError("x")) is ErrorClass.FATAL
-    assert backoff_delay(1, 1, 10, 0) == 0.5 and backoff_delay(10, 1, 10, 0.999) < 10
+    assert reconnect_delay(1, 1, 10, 0) == 0.5 and reconnect_delay(10, 1, 10, 0.999) < 10
 
 
 @pytest.mark.parametrize(("toml", "key"), [

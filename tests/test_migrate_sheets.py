@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from nurseryd.backoff import parse_retry_after
 from nurseryd.config import ConfigError
 from nurseryd.db import Database
 from nurseryd.kinds.base import JobFailed
@@ -303,9 +304,9 @@ def test_value_ranges_and_errors() -> None:
 
 def test_backoff_decisions() -> None:
     now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    assert api.parse_retry_after("7", now) == 7
-    assert api.parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now) == 30
-    assert api.parse_retry_after("soon", now) is None
+    assert parse_retry_after("7", now) == 7
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now) == 30
+    assert parse_retry_after("soon", now) is None
     kwargs = {"max_attempts": 5, "base": 1.0, "cap": 16.0}
     assert api.retry_delay(1, retry_after=None, fraction=0.5, **kwargs) == 0.5
     assert api.retry_delay(4, retry_after=None, fraction=0.5, **kwargs) == 4.0

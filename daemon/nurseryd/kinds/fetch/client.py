@@ -13,7 +13,6 @@ request, and it ends it at once (the socket is closed, nothing keeps running).
 
 from __future__ import annotations
 
-import email.utils
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from enum import Enum
 
 import httpx
 import trio
+
+from ...backoff import backoff_delay, parse_retry_after
 
 #: 5xx statuses that say "not now" rather than "never" (501 and 505 are permanent).
 _TRANSIENT_5XX_EXCLUDED = {501, 505}
@@ -50,31 +51,6 @@ def is_transient_error(error: BaseException) -> bool:
     body we cannot decode is not."""
     return isinstance(error, httpx.NetworkError | httpx.TimeoutException
                       | httpx.RemoteProtocolError)
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-def backoff_delay(attempt: int, base: float, cap: float, fraction: float) -> float:
-    """Exponential back-off with full jitter: uniform in [0, min(cap, base·2^(attempt-1))).
-
-    ``attempt`` is the number of the attempt that just failed (1 for the first);
-    ``fraction`` in [0, 1) is the random draw, passed in so this stays pure.
-    """
-    return fraction * min(cap, base * 2 ** (attempt - 1))
 
 
 def retry_delay(

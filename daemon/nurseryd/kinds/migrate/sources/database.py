@@ -84,8 +84,12 @@ def classify_sqlite_error(error: BaseException) -> ErrorClass:
     return ErrorClass.FATAL
 
 
-def backoff_delay(attempt: int, base: float, cap: float, fraction: float) -> float:
-    """Exponential back-off with jitter in [½, 1) of min(cap, base·2^(attempt-1))."""
+def reconnect_delay(attempt: int, base: float, cap: float, fraction: float) -> float:
+    """Exponential back-off with *equal* jitter: in [½, 1) of min(cap, base·2^(attempt-1)).
+
+    Unlike HTTP retries (full jitter, :mod:`nurseryd.backoff`), a reconnect to a
+    database that just refused us should never be immediate.
+    """
     return min(cap, base * 2 ** (attempt - 1)) * (0.5 + fraction / 2)
 
 
@@ -385,7 +389,7 @@ class DatabaseSource:
                 if attempt >= self.config.connect_attempts:
                     raise SourceError(f"{where} unreachable after {attempt} attempts: "
                                       f"{reason}") from None
-                delay = backoff_delay(attempt, self.config.retry_backoff_s,
+                delay = reconnect_delay(attempt, self.config.retry_backoff_s,
                                       self.config.retry_backoff_max_s, random.random())
                 log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", where, reason,
                             delay, attempt + 1, self.config.connect_attempts)

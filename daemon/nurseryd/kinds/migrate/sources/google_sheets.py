@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import trio
 
+from ....backoff import parse_retry_after
 from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
 from ..source_config import SHEETS_SCOPE, SecretMissing, SheetsConfig
 from . import sheets_api as api
@@ -142,7 +143,7 @@ class SheetsSource:
                     if verdict is api.Verdict.OK:
                         return response
                     reason = api.google_message(response.status_code, response.content)
-                    retry_after = api.parse_retry_after(response.headers.get("retry-after"),
+                    retry_after = parse_retry_after(response.headers.get("retry-after"),
                                                         datetime.now(UTC))
             if scope.cancelled_caught:
                 verdict = api.Verdict.RETRY

@@ -19,12 +19,10 @@ Facts this relies on (Sheets API v4 reference):
 
 from __future__ import annotations
 
-import email.utils
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import quote
@@ -189,24 +187,6 @@ def google_message(status: int, body: bytes) -> str:
             return f"HTTP {status}: {error}: {document.get('error_description', '')}".rstrip(": ")
     text = body[:200].decode("utf-8", "replace").strip()
     return f"HTTP {status}" + (f": {text}" if text else "")
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds from ``Retry-After`` (delta-seconds or an HTTP date)."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return max(0.0, (when - now).total_seconds())
-    return seconds if seconds >= 0 else None
 
 
 def retry_delay(attempt: int, *, max_attempts: int, retry_after: float | None, base: float,
