@@ -50,6 +50,9 @@ class LocalJobContext:
     async def save_checkpoint(self, checkpoint: Any) -> None:
         self.checkpoint = checkpoint
 
+    def note_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+
     def set_result(self, result: Any) -> None:
         self.result = result
         self._notify()

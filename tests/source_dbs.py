@@ -135,6 +135,9 @@ class SourceContext:
     async def save_checkpoint(self, checkpoint: Any) -> None:
         self.checkpoint = checkpoint
 
+    def note_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+
     def set_result(self, result: Any) -> None:
         self.result = result
 

@@ -122,5 +122,7 @@ async def test_daemon_refuses_to_start_when_a_target_table_does_not_match(
     except (RuntimeError, BaseExceptionGroup) as error:  # the harness's nursery may wrap it
         text = "".join(traceback.format_exception(error))
     assert "exited with 1 before listening" in text
-    assert "table public.chats does not match target 'chats'" in text
+    assert "nurseryd: cannot start: table public.chats does not match target 'chats'" in text
+    log = text.split("before listening:", 1)[1]
+    assert "Traceback" not in log  # one clear line for the operator, not a stack
     assert "column chat_id is text, the target says bigint" in text

@@ -57,6 +57,9 @@ class LocalContext:
         await self.db.execute("UPDATE jobs SET checkpoint = $2 WHERE id = $1", self.job_id,
                               checkpoint)
 
+    def note_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = checkpoint
+
     def set_result(self, result: Any) -> None:
         self.result = result
 

@@ -64,12 +64,27 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(serve, settings)
-    except StartupError as error:
-        print(f"nurseryd: cannot start: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as error:  # noqa: BLE001 - inspected, and re-raised unless known
+        startup = _find(error, StartupError)
+        if startup is not None:
+            print(f"nurseryd: cannot start: {startup}", file=sys.stderr)
+            return 1
+        if _find(error, KeyboardInterrupt) is not None:
+            return 130
+        raise
     return 0
+
+
+def _find(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``error`` itself or the first ``kind`` inside the exception groups that the
+    nurseries between here and the raise wrapped it in."""
+    if isinstance(error, kind):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _find(inner, kind)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

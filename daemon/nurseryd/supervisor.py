@@ -149,6 +149,9 @@ class _Context:
             "processed": self._handle.processed, "failed": self._handle.failed,
         }))
 
+    def note_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = self._handle.checkpoint = checkpoint
+
     def set_result(self, result: Any) -> None:
         self._handle.result = result
 

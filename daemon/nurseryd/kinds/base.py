@@ -63,6 +63,10 @@ class JobContext(Protocol):
     async def save_checkpoint(self, checkpoint: Any) -> None:
         """Durably store ``checkpoint`` (JSON) with the current counters."""
 
+    def note_checkpoint(self, checkpoint: Any) -> None:
+        """The job committed ``checkpoint`` itself, in the same transaction as its
+        data: remember it (the final status write carries it) without writing it."""
+
     def set_result(self, result: Any) -> None:
         """The JSON result stored with the job when it ends (also on failure)."""
 

@@ -59,7 +59,6 @@ async def prepare_targets(services: Services) -> None:
         try:
             outcome = await ensure_target_table(services.db, target)
         except TargetMismatch as error:
-            log.error("cannot start: %s", error)  # one clear line, whatever wraps the raise
             raise StartupError(str(error)) from None
         log.info("migration target %s: table %s %s", target.name, target.table, outcome)
     try:

@@ -47,9 +47,7 @@ COPY_SLICE = 256 * 1024
 QUEUE_BATCHES = 4
 #: Upper bound of rows written in one transaction when batches queue up.
 MAX_MERGED_ROWS = 40_000
-#: How often the running pipeline hands its committed checkpoint to the supervisor
-#: (a synchronous write; the checkpoint itself is committed with every batch).
-CHECKPOINT_SYNC_S = 1.0
+#: Bound on reading back the committed checkpoint when the pipeline stops.
 CHECKPOINT_SYNC_TIMEOUT_S = 5.0
 
 
@@ -252,7 +250,6 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
     header: Header | None = None
     send, receive = trio.open_memory_channel[SourceEvent](QUEUE_BATCHES)
     mode = LoadMode()
-    synced = _Synced()
     failure: list[BaseException] = []
 
     async def produce() -> None:
@@ -279,7 +276,7 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
                             raise JobFailed(f"source {source.source_type} sent rows before "
                                             "its header")
                         batches, pending = _take_ready(event, receive)
-                        await _load(ctx, plan, batches, counters, source, mode, synced)
+                        await _load(ctx, plan, batches, counters, source, mode)
                         for other in pending:  # a Total that arrived between batches
                             if isinstance(other, Total):
                                 counters.expected = other.total
@@ -289,11 +286,11 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
                         if counters.expected is not None:
                             ctx.report(total=counters.expected)
     finally:
-        # Also on cancel/shutdown: the supervisor rewrites the job's checkpoint
-        # from its own copy as the job stops, so hand it the last committed one
-        # (shielded: a final write; bounded: never hang a shutdown).
+        # Also on cancel/shutdown: the supervisor's final status write carries its
+        # copy of the checkpoint, so make it the committed one (shielded: it must
+        # happen as the job stops; bounded: never hang a shutdown).
         with trio.CancelScope(shield=True), trio.move_on_after(CHECKPOINT_SYNC_TIMEOUT_S):
-            await _sync_committed_checkpoint(ctx, synced)
+            await _note_committed_checkpoint(ctx)
     if failure:
         raise JobFailed(str(failure[0]))
     if header is None:
@@ -331,42 +328,21 @@ def _take_ready(first: SourceBatch, receive: trio.MemoryReceiveChannel[SourceEve
     return batches, others
 
 
-@dataclass
-class _Synced:
-    """The last committed checkpoint, and whether the supervisor has it too."""
-
-    checkpoint: dict[str, Any] | None = None
-    saved: bool = True
-    saved_at: float = float("-inf")
-
-
-async def _sync_checkpoint(ctx: JobContext, synced: _Synced) -> None:
-    """Hand the supervisor the committed checkpoint (it rewrites the job's
-    checkpoint when the job stops, e.g. requeued by a SIGTERM)."""
-    if synced.saved or synced.checkpoint is None:
-        return
-    synced.saved = True
-    synced.saved_at = trio.current_time()
-    await ctx.save_checkpoint(synced.checkpoint)
-
-
-async def _sync_committed_checkpoint(ctx: JobContext, synced: _Synced) -> None:
-    """Sync what the database holds, not what we last heard of.
+async def _note_committed_checkpoint(ctx: JobContext) -> None:
+    """Hand the supervisor what the database holds, not what we last heard of.
 
     A cancel can land after a batch transaction committed on the asyncio side
     but before its result reached us (measured: the SIGTERM test lost exactly
     one batch that way), so the committed checkpoint is read back.
     """
     committed = await ctx.db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
-    if isinstance(committed, dict) and committed.get("v") == CHECKPOINT_VERSION and \
-            committed != synced.checkpoint:
-        synced.checkpoint, synced.saved = committed, False
+    if isinstance(committed, dict) and committed.get("v") == CHECKPOINT_VERSION:
+        ctx.note_checkpoint(committed)
         ctx.report(processed=int(committed["processed"]), failed=int(committed["failed"]))
-    await _sync_checkpoint(ctx, synced)
 
 
 async def _load(ctx: JobContext, plan: LoadPlan, batches: list[SourceBatch],
-                counters: Counters, source: Source, mode: LoadMode, synced: _Synced) -> None:
+                counters: Counters, source: Source, mode: LoadMode) -> None:
     for batch in batches:
         batch.rejects = [_reject_tuple(r) for r in batch.rejects]
     before = {"v": CHECKPOINT_VERSION, "source_type": source.source_type, **counters.saved()}
@@ -374,9 +350,4 @@ async def _load(ctx: JobContext, plan: LoadPlan, batches: list[SourceBatch],
     for name in COUNTER_NAMES:
         setattr(counters, name, checkpoint[name])
     ctx.report(processed=counters.processed, failed=counters.failed)
-    synced.checkpoint, synced.saved = checkpoint, False
-    # The checkpoint is already committed with the batch; telling the supervisor
-    # costs a synchronous write, so at most once a second here, and always when
-    # the pipeline stops (see run_pipeline's finally).
-    if trio.current_time() - synced.saved_at >= CHECKPOINT_SYNC_S:
-        await _sync_checkpoint(ctx, synced)
+    ctx.note_checkpoint(checkpoint)  # committed with the batch: no second write
