@@ -140,6 +140,7 @@ async def test_queue_full_is_503_and_records_nothing(database_url: str, state_di
         ("post", "/jobs/999999/cancel", None, 404, "no job with id 999999"),
         ("get", "/jobs?status=done", None, 422, "unknown status 'done'"),
         ("get", "/jobs?limit=0", None, 422, "limit"),
+        ("post", "/jobs/sleep", b" " * (1024 * 1024 + 1), 413, "larger than"),
         ("get", "/nowhere", None, 404, "no such endpoint"),
         ("delete", "/jobs/1", None, 405, "not allowed"),
     ],
@@ -213,3 +214,16 @@ async def _job_row(database_url: str, job_id: int) -> dict:
         finally:
             await trio_asyncio.aio_as_trio(conn.close)()
     return dict(row)
+
+
+async def test_json_body_cap_holds_for_chunked_bodies_too(daemon: InProcessDaemon) -> None:
+    """No Content-Length: the cap is counted while reading, not trusted from a header."""
+
+    async def chunks():
+        for _ in range(64):
+            yield b" " * 65536  # 4 MiB in all, never announced
+
+    response = await daemon.client.post("/jobs/sleep", content=chunks())
+    assert response.status_code == 413
+    assert response.headers["content-type"] == "application/problem+json"
+    assert await daemon.services.db.fetchval("SELECT count(*) FROM jobs") == 0

@@ -29,13 +29,13 @@ from .problems import Problem
 
 log = logging.getLogger(__name__)
 
-#: JSON bodies are small; uploads stream on their own path with their own cap.
-MAX_JSON_BODY = 1024 * 1024
-
 
 def create_app(services: Services) -> QuartTrio:
     app = QuartTrio("nurseryd")
-    app.config["MAX_CONTENT_LENGTH"] = MAX_JSON_BODY
+    # No global cap: Quart's would refuse uploads by their Content-Length before
+    # any handler runs. Bodies are capped where they are read (jobs.read_body for
+    # JSON, uploads.py for files).
+    app.config["MAX_CONTENT_LENGTH"] = None
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.extensions[EXTENSION_KEY] = services
     for blueprint in features.blueprints():

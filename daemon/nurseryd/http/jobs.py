@@ -16,6 +16,9 @@ from .query import int_arg
 
 blueprint = Blueprint("jobs", __name__)
 
+#: JSON bodies are small; uploads stream on their own path with their own cap.
+MAX_JSON_BODY = 1024 * 1024
+
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 
@@ -30,9 +33,30 @@ def accepted(job: dict[str, Any]) -> Response:
     return json_response(job, 202, {"Location": f"/jobs/{job['id']}"})
 
 
+async def read_body(limit: int = MAX_JSON_BODY) -> bytes:
+    """The whole body, refused with 413 as soon as it exceeds ``limit`` bytes.
+
+    The app sets no global body cap (uploads stream with their own), so every
+    handler that buffers a body goes through here: the cap holds for chunked
+    bodies without Content-Length too, and nothing beyond it is kept in memory.
+    """
+    too_large = Problem(413, f"the body is larger than {limit} bytes; send a small JSON "
+                        "object (files go to their upload endpoints)")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.body:
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def read_json_object() -> dict[str, Any]:
     """The request body as a JSON object; an empty body is ``{}``."""
-    raw = await request.get_data()
+    raw = await read_body()
     if not raw.strip():
         return {}
     try:

@@ -125,7 +125,6 @@ async def receive_upload(
     length = request.content_length
     if length is not None and length > max_bytes + 64 * 1024:
         raise _too_large(f"the upload is {length:,} bytes; the limit is {limit_text}")
-    _allow_streaming(request.body)
 
     upload = ReceivedUpload(path=destination)
     parser = _Multipart(boundary.encode("latin-1"))
@@ -219,19 +218,3 @@ def _part_kind(headers: object, file_field: str,
         return name, None
     allowed = ", ".join(sorted({file_field, *text_fields}))
     raise Problem(422, f"unknown form field {name!r}; allowed: {allowed}", field=name)
-
-
-def _allow_streaming(body: object) -> None:
-    """Lift the app-wide JSON body cap for this request; our own cap applies instead.
-
-    Quart sizes a request's ``Body`` from ``MAX_CONTENT_LENGTH`` before any handler
-    runs, and that cap (meant for JSON bodies) counts unread bytes only, so it
-    would refuse a legitimate workbook by its Content-Length. There is no public
-    per-route switch in Quart 0.22, hence the two private attributes (the upload
-    tests fail loudly if Quart changes them).
-    """
-    if not hasattr(body, "_must_raise") or not hasattr(body, "_max_content_length"):
-        raise RuntimeError("quart's request Body changed; update http/uploads.py")
-    body._max_content_length = None  # type: ignore[attr-defined]
-    if isinstance(body._must_raise, RequestEntityTooLarge):  # type: ignore[attr-defined]
-        body._must_raise = None  # type: ignore[attr-defined]
