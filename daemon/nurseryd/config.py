@@ -88,6 +88,18 @@ def register_section(name: str) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
+def check_keys(key: str, table: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
+    """Refuse the first key of ``table`` not in ``allowed``, naming it and the allowed ones.
+
+    Every section validates its tables through here, so a typo anywhere in the
+    file reads the same: ``config error: fetch.sources[0].intervall: unknown key; ...``.
+    """
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}",
+                          f"unknown key; allowed: {', '.join(sorted(allowed))}")
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
@@ -168,12 +180,7 @@ def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
         if not isinstance(table, dict):
             raise ConfigError(f"kinds.{name}", "expected a table")
         base = limits.get(name, DEFAULT_KIND_LIMITS)
-        unknown = set(table) - {"default_timeout_s", "max_timeout_s", "concurrency"}
-        if unknown:
-            raise ConfigError(
-                f"kinds.{name}.{sorted(unknown)[0]}",
-                "unknown key; allowed: default_timeout_s, max_timeout_s, concurrency",
-            )
+        check_keys(f"kinds.{name}", table, {"default_timeout_s", "max_timeout_s", "concurrency"})
         default = parse_duration(f"kinds.{name}.default_timeout_s",
                                  table.get("default_timeout_s", base.default_timeout_s))
         maximum = parse_duration(f"kinds.{name}.max_timeout_s",

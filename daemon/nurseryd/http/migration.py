@@ -20,6 +20,7 @@ from ..supervisor import JobNotFound
 from .context import get_services
 from .jobs import json_response, parse_job_id
 from .problems import Problem
+from .query import int_arg
 from .uploads import discard, receive_upload
 
 blueprint = Blueprint("migration", __name__)
@@ -83,19 +84,6 @@ async def get_migration_job(job_id: str) -> Response:
     return json_response(migration_job_json(await _migration_job(job_id)))
 
 
-def _int_arg(name: str, default: int, low: int, high: int) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise Problem(422, f"{name} must be a whole number, got {raw!r}", field=name) from None
-    if not low <= value <= high:
-        raise Problem(422, f"{name} must be between {low} and {high}", field=name)
-    return value
-
-
 @blueprint.get("/jobs/<job_id>/rejects")
 async def list_rejects(job_id: str) -> Response:
     """Rejected rows by row number, keyset-paginated (``after`` = last row number seen)."""
@@ -104,8 +92,8 @@ async def list_rejects(job_id: str) -> Response:
     if unknown:
         raise Problem(422, f"unknown query parameter {unknown[0]!r}; allowed: limit, after",
                       field=unknown[0])
-    limit = _int_arg("limit", DEFAULT_REJECTS_PAGE, 1, MAX_REJECTS_PAGE)
-    after = _int_arg("after", 0, 0, 2**63 - 1)
+    limit = int_arg("limit", DEFAULT_REJECTS_PAGE, 1, MAX_REJECTS_PAGE)
+    after = int_arg("after", 0, 0, 2**63 - 1)
     rows = await get_services().db.fetch(
         "SELECT row_number, column_name, reason, raw FROM migration_rejects"
         " WHERE job_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3",

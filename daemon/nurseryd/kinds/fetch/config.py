@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from ...config import (
     BUILTIN_KIND_LIMITS,
     ConfigError,
+    check_keys,
     parse_duration,
     parse_positive_int,
     register_section,
@@ -131,13 +132,6 @@ def parse_dotted(key: str, value: Any, *, allow_root: bool = False) -> tuple[str
     return parts
 
 
-def _check_keys(key: str, table: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}",
-                          f"unknown key; allowed: {', '.join(sorted(allowed))}")
-
-
 def _parse_bool(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(key, f"expected true or false, got {value!r}")
@@ -218,7 +212,7 @@ def parse_source(
         if fmt != "json":
             raise ConfigError(f"{key}.{json_only}", "only for format = \"json\"; rss and atom "
                               "need no mapping")
-    _check_keys(key, raw, allowed)
+    check_keys(key, raw, allowed)
     timeout = parse_duration(f"{key}.timeout_s", raw.get("timeout_s", DEFAULT_SOURCE_TIMEOUT_S))
     if timeout <= 0:
         raise ConfigError(f"{key}.timeout_s", "must be > 0")
@@ -259,7 +253,7 @@ def parse_fetch_section(raw: Any, whole: Mapping[str, Any] | None = None) -> Fet
         return FetchConfig()
     if not isinstance(raw, dict):
         raise ConfigError("fetch", "expected a table ([fetch])")
-    _check_keys("fetch", raw, _TOP_KEYS)
+    check_keys("fetch", raw, _TOP_KEYS)
     interval = parse_duration("fetch.interval", raw.get("interval", 0))
     if 0 < interval < 1:
         raise ConfigError("fetch.interval", "must be 0 (disabled) or at least 1 second")

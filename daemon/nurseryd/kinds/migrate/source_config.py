@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...config import ConfigError, parse_duration, parse_positive_int, register_section
+from ...config import (
+    ConfigError,
+    check_keys,
+    parse_duration,
+    parse_positive_int,
+    register_section,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
@@ -126,10 +132,7 @@ def _parse_source(name: str, raw: Any) -> DatabaseSourceConfig:
         raise ConfigError(where, "source names are letters, digits, '_', '.', '-' (at most 64)")
     if not isinstance(raw, dict):
         raise ConfigError(where, "expected a table with url, table or query, and key")
-    unknown = set(raw) - _SOURCE_KEYS
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}",
-                          f"unknown key; allowed: {', '.join(sorted(_SOURCE_KEYS))}")
+    check_keys(where, raw, _SOURCE_KEYS)
     if "url" not in raw:
         raise ConfigError(f"{where}.url", "missing; expected \"env:VARIABLE\" or a "
                           "postgresql:// or sqlite:/// URL")
@@ -232,10 +235,7 @@ def parse_google_sheets(raw: Any, whole: Mapping[str, Any]) -> SheetsConfig:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("google_sheets", "expected a [google_sheets] table")
-    unknown = set(raw) - _SHEETS_KEYS
-    if unknown:
-        raise ConfigError(f"google_sheets.{sorted(unknown)[0]}",
-                          f"unknown key; allowed: {', '.join(sorted(_SHEETS_KEYS))}")
+    check_keys("google_sheets", raw, _SHEETS_KEYS)
     base = SheetsConfig()
     api_base = raw.get("api_base", base.api_base)
     parts = urlsplit(api_base) if isinstance(api_base, str) else None

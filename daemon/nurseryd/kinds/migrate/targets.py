@@ -29,7 +29,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import ConfigError, parse_duration, parse_positive_int, register_section
+from ...config import (
+    ConfigError,
+    check_keys,
+    parse_duration,
+    parse_positive_int,
+    register_section,
+)
 from .coerce import ColumnSpec, parse_column_type
 from .xlsx_checks import ParseCaps
 
@@ -109,10 +115,7 @@ def _parse_target(name: str, raw: Any) -> Target:
         raise ConfigError(where, "target names are letters, digits and _ (at most 63)")
     if not isinstance(raw, dict):
         raise ConfigError(where, "expected a table with table, key and columns")
-    unknown = set(raw) - {"table", "key", "columns"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key; allowed: table, key, "
-                          "columns")
+    check_keys(where, raw, {"table", "key", "columns"})
     table = raw.get("table", name)
     if not isinstance(table, str) or not all(_IDENT.match(part) for part in table.split(".")) \
             or table.count(".") > 1:
@@ -197,10 +200,7 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("migration", "expected a [migration] table")
-    unknown = set(raw) - _MIGRATION_KEYS
-    if unknown:
-        raise ConfigError(f"migration.{sorted(unknown)[0]}",
-                          f"unknown key; allowed: {', '.join(sorted(_MIGRATION_KEYS))}")
+    check_keys("migration", raw, _MIGRATION_KEYS)
     base = MigrationSettings()
     default_target = raw.get("default_target", base.default_target)
     targets = set(BUILTIN_TARGETS) | set((whole.get("targets") or {}) if isinstance(
