@@ -7,55 +7,16 @@ so the kind's own behaviour (outcomes, counters, cancel) is tested at unit level
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-import trio
 
 from nurseryd.config import Settings
 from nurseryd.db import Database
 from nurseryd.kinds.fetch.config import parse_fetch_section
+from tests.job_context import RecordingContext
 
 
-@dataclass
-class LocalJobContext:
-    db: Database
-    settings: Settings
-    job_id: int = 1
-    kind: str = "fetch"
-    params: dict[str, Any] = field(default_factory=lambda: {"trigger": "api"})
-    checkpoint: Any = None
-    attempts: int = 1
-    counters: dict[str, int | None] = field(default_factory=dict)
-    result: Any = None
-    _changed: trio.Event = field(default_factory=trio.Event, repr=False)
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Wait (no polling) until ``predicate()`` holds after a report or result."""
-        while not predicate():
-            await self._changed.wait()
-
-    def report(self, *, total: int | None = None, processed: int | None = None,
-               failed: int | None = None) -> None:
-        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
-            if value is not None:
-                self.counters[name] = value
-        self._notify()
-
-    async def save_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-
-    def note_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-
-    def set_result(self, result: Any) -> None:
-        self.result = result
-        self._notify()
+class LocalJobContext(RecordingContext):
+    """A fetch job's context: the recording context plus a look at one source's outcome."""
 
     def source(self, name: str) -> dict[str, Any]:
         return self.result["sources"][name]
@@ -68,4 +29,5 @@ def fetch_settings(sources: list[dict[str, Any]], **fetch: Any) -> Settings:
 
 
 def context(db: Database, sources: list[dict[str, Any]], **fetch: Any) -> LocalJobContext:
-    return LocalJobContext(db=db, settings=fetch_settings(sources, **fetch))
+    return LocalJobContext(db=db, settings=fetch_settings(sources, **fetch), kind="fetch",
+                           params={"trigger": "api"})

@@ -18,6 +18,7 @@ from typing import Any
 from nurseryd import features
 from nurseryd.config import Settings, load_settings
 from nurseryd.db import Database
+from tests.job_context import RecordingContext
 
 SQLITE_SCHEMA = """
 CREATE TABLE chats (
@@ -110,36 +111,10 @@ def expected_chat(i: int) -> dict[str, Any]:
             "last_message": f"Здравствуйте! Заказ №{i}\nтаб"}  # text is trimmed
 
 
-class SourceContext:
-    """JobContext over the real jobs table; ``on_report`` lets a test interrupt."""
-
-    def __init__(self, db: Database, job_id: int, settings: Settings,
-                 checkpoint: Any = None) -> None:
-        self.db = db
-        self.job_id = job_id
-        self.kind = "migration"
-        self.params: dict[str, Any] = {}
-        self.checkpoint = checkpoint
-        self.attempts = 1
-        self.settings = settings
-        self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
-        self.on_report: Callable[[dict[str, int | None]], None] | None = None
-
-    def report(self, *, total=None, processed=None, failed=None) -> None:
-        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
-            if value is not None:
-                self.counters[name] = value
-        if self.on_report is not None:
-            self.on_report(self.counters)
-
-    async def save_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-
-    def note_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-
-    def set_result(self, result: Any) -> None:
-        self.result = result
+def SourceContext(db: Database, job_id: int, settings: Settings,
+                  checkpoint: Any = None) -> RecordingContext:
+    """A migration job's context over the real jobs table; ``on_report`` may interrupt."""
+    return RecordingContext(db, job_id, settings, checkpoint=checkpoint, kind="migration")
 
 
 async def new_job(db: Database) -> int:

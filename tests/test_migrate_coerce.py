@@ -164,3 +164,42 @@ def test_openpyxl_style_values_take_the_same_path() -> None:
     batch = coercer.coerce_rows([(2, (1, when, 5, True)), (3, (2, when, None, False))])
     assert batch.rejects == []
     assert batch.payload.splitlines()[0] == f"1\t{when.isoformat()}\t5\tt"
+
+
+def test_aware_datetime_columns_keep_the_instant_on_the_fast_path() -> None:
+    """asyncpg returns timestamptz as aware datetimes: converted a column at a time,
+    they must mean the same instants as the per-value converter's output."""
+    from nurseryd.kinds.migrate.coerce import convert_column
+
+    column_type = parse_column_type("timestamptz")
+    scalar = make_converter(column_type)
+    moscow = dt.timezone(dt.timedelta(hours=3))
+    values = [dt.datetime(2024, 3, 1, 10, 0, 5, tzinfo=moscow),
+              dt.datetime(2023, 12, 31, 23, 59, 59, 123456, tzinfo=dt.UTC)]
+    errors: dict[int, str] = {}
+    fast = convert_column(column_type, scalar, values, errors)
+    assert not errors
+    assert [dt.datetime.fromisoformat(text) for text in fast] == values
+    assert [dt.datetime.fromisoformat(text) for text in fast] == [
+        dt.datetime.fromisoformat(scalar(value)) for value in values]
+
+
+@pytest.mark.parametrize("type_", ["timestamptz", "timestamp"])
+def test_iso_text_columns_take_the_fast_path_with_the_same_values(type_: str) -> None:
+    """SQLite hands timestamps over as ISO text: column-wise conversion must give
+    the values the per-value converter gives, and still reject what it rejects."""
+    from nurseryd.kinds.migrate.coerce import convert_column
+
+    column_type = parse_column_type(type_)
+    scalar = make_converter(column_type)
+    values = ["2024-03-01 10:00:05", "2023-12-31T23:59:59.123456", "2024-02-29"]
+    errors: dict[int, str] = {}
+    fast = convert_column(column_type, scalar, values, errors)
+    assert not errors
+    assert [dt.datetime.fromisoformat(text) for text in fast] == [
+        dt.datetime.fromisoformat(scalar(value)) for value in values]
+    # One bad value sends the whole column down the per-value path: it is rejected
+    # with a reason and its neighbours still convert.
+    errors = {}
+    mixed = convert_column(column_type, scalar, ["2024-03-01 10:00:05", "2024-13-01"], errors)
+    assert list(errors) == [1] and mixed[0] is not None

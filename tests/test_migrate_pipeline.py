@@ -1,7 +1,7 @@
 """The migration pipeline against real PostgreSQL, driven by a list-fed source.
 
-The context below implements the JobContext protocol over the real jobs table
-(the supervisor's own context is exercised by the end-to-end tests).
+The context (tests/job_context.py) implements the JobContext protocol over the
+real jobs table (the supervisor's own context is exercised end to end).
 """
 
 from __future__ import annotations
@@ -13,55 +13,20 @@ from typing import Any
 import pytest
 import trio
 
-from nurseryd.config import load_settings
 from nurseryd.db import Database
 from nurseryd.kinds.base import JobFailed
 from nurseryd.kinds.migrate.pipeline import LoadPlan, run_pipeline
 from nurseryd.kinds.migrate.sources.base import ListSource
 from nurseryd.kinds.migrate.tables import TargetMismatch, ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET, Target
+from tests.job_context import RecordingContext
 from tests.xlsx_factory import CHATS_HEADER, chat_row
 
 
-class LocalContext:
-    """JobContext over the jobs table, recording every report."""
-
-    def __init__(self, db: Database, job_id: int, checkpoint: Any = None) -> None:
-        self.db = db
-        self.job_id = job_id
-        self.kind = "migration"
-        self.params: dict[str, Any] = {}
-        self.checkpoint = checkpoint
-        self.attempts = 1
-        self.settings = load_settings(None, environ={})
-        self.counters: dict[str, int | None] = {"total": None, "processed": 0, "failed": 0}
-        self.result: Any = None
-        self._waiters: list[tuple[int, trio.Event]] = []
-
-    def report(self, *, total=None, processed=None, failed=None) -> None:
-        for name, value in (("total", total), ("processed", processed), ("failed", failed)):
-            if value is not None:
-                self.counters[name] = value
-        for threshold, event in self._waiters:
-            if (self.counters["processed"] or 0) >= threshold:
-                event.set()
-
-    async def processed_at_least(self, threshold: int) -> None:
-        event = trio.Event()
-        self._waiters.append((threshold, event))
-        self.report()
-        await event.wait()
-
-    async def save_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-        await self.db.execute("UPDATE jobs SET checkpoint = $2 WHERE id = $1", self.job_id,
-                              checkpoint)
-
-    def note_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = checkpoint
-
-    def set_result(self, result: Any) -> None:
-        self.result = result
+def LocalContext(db: Database, job_id: int, checkpoint: Any = None) -> RecordingContext:
+    """A migration job's context over the real jobs table."""
+    return RecordingContext(db, job_id, checkpoint=checkpoint, kind="migration",
+                            persist_checkpoint=True)
 
 
 async def new_job(db: Database) -> int:

@@ -623,6 +623,20 @@ def convert_column(column_type: ColumnType, convert: Converter, values: Sequence
         datetime_type = dt.datetime
         if types == {datetime_type} and not any(map(_TZINFO, values)):
             return list(map(datetime_type.isoformat, values))
+        if kind == "timestamptz" and types == {datetime_type} and all(map(_TZINFO, values)):
+            # Aware values (asyncpg's timestamptz): the ISO text carries the offset
+            # and PostgreSQL stores the same instant, so no per-value conversion.
+            return list(map(datetime_type.isoformat, values))
+        if types == {str}:
+            # ISO text (what SQLite stores): parsed and re-printed in C. Anything
+            # else (empty cells, other formats, an offset on a naive column) takes
+            # the per-value path below, which also produces the reject reasons.
+            try:
+                parsed = list(map(datetime_type.fromisoformat, values))
+            except ValueError:
+                parsed = None
+            if parsed is not None and (kind == "timestamptz" or not any(map(_TZINFO, parsed))):
+                return list(map(datetime_type.isoformat, parsed))
         return [v.isoformat() if type(v) is datetime_type and v.tzinfo is None
                 else NULL if v == "" or v is None
                 else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
