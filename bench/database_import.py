@@ -153,7 +153,7 @@ async def main() -> None:
         env = {"NURSERYD_DATABASE_URL": server.url(target_db),
                "NURSERYD_STATE_DIR": str(work / "state"), "NURSERYD_CONFIG": str(config)}
         print(f"\n{rows:,} rows, batch_rows={args.batch_rows}\n")
-        print("| load | time | rate | peak RSS | vs pgloader |")
+        print("| load | time | rate | peak RSS | speed vs pgloader (same file, >1 = faster) |")
         print("|---|---|---|---|---|")
         async with DaemonProcess.start(env) as daemon, daemon.client(timeout=30) as client:
             rss = PeakRss(daemon.process.pid)
@@ -163,11 +163,11 @@ async def main() -> None:
             pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows)
             pg_rss = rss.peak
         loader = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}", rows)
-        ratio = f"{loader[0] / sqlite_s:.2f}x faster" if loader else "pgloader not installed"
+        ratio = f"{loader[0] / sqlite_s:.2f}×" if loader else "pgloader not installed"
         line("nurseryd SQLite -> PG", sqlite_s, rows, sqlite_rss, ratio)
         line("nurseryd PG -> PG", pg_s, rows, pg_rss, "")
         if loader:
-            line("pgloader SQLite -> PG", loader[0], rows, loader[1], "1.00x")
+            line("pgloader SQLite -> PG", loader[0], rows, loader[1], "1×")
         print(f"\ndaemon RSS idle before the imports: {idle / 1024**2:.0f} MB")
     finally:
         server.stop()
