@@ -189,7 +189,7 @@ WRK_POST = 'wrk.method = "POST"\nwrk.body = \'{"seconds": 0}\'\n' \
 
 def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,
     ).stdout
     result: dict[str, float] = {}
