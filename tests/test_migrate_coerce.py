@@ -203,3 +203,23 @@ def test_iso_text_columns_take_the_fast_path_with_the_same_values(type_: str) ->
     errors = {}
     mixed = convert_column(column_type, scalar, ["2024-03-01 10:00:05", "2024-13-01"], errors)
     assert list(errors) == [1] and mixed[0] is not None
+
+
+def test_columns_with_nulls_and_sqlite_booleans_stay_exact_on_the_fast_path() -> None:
+    """NULLs go back to their rows; 0/1 are booleans; a 2 is still a reject."""
+    from nurseryd.kinds.migrate.coerce import convert_column
+
+    stamp = parse_column_type("timestamptz")
+    errors: dict[int, str] = {}
+    out = convert_column(stamp, make_converter(stamp),
+                         [None, "2024-03-01 10:00:05", None, "2024-02-29"], errors)
+    assert not errors
+    assert out[0] is NULL and out[2] is NULL
+    assert dt.datetime.fromisoformat(out[1]) == dt.datetime(2024, 3, 1, 10, 0, 5)
+    assert dt.datetime.fromisoformat(out[3]) == dt.datetime(2024, 2, 29)
+    flag = parse_column_type("boolean")
+    assert convert_column(flag, make_converter(flag), [1, 0, None, True], errors) == [
+        "t", "f", NULL, "t"]
+    assert not errors
+    convert_column(flag, make_converter(flag), [1, 2, 0], errors)
+    assert list(errors) == [1]

@@ -614,37 +614,73 @@ def convert_column(column_type: ColumnType, convert: Converter, values: Sequence
         return [repr(v) if type(v) is float and v - v == 0
                 else NULL if v == "" or v is None
                 else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
+    if kind in ("bool", "timestamp", "timestamptz"):
+        fast = _fast_with_nulls(kind, types, values)
+        if fast is not None:
+            return fast
     if kind == "bool":
-        if types == {bool}:
-            return list(map(_BOOL_TEXT.__getitem__, values))
         return ["t" if v is True else "f" if v is False else NULL if v == "" or v is None
                 else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
     if kind in ("timestamp", "timestamptz"):
         datetime_type = dt.datetime
-        if types == {datetime_type} and not any(map(_TZINFO, values)):
-            return list(map(datetime_type.isoformat, values))
-        if kind == "timestamptz" and types == {datetime_type} and all(map(_TZINFO, values)):
-            # Aware values (asyncpg's timestamptz): the ISO text carries the offset
-            # and PostgreSQL stores the same instant, so no per-value conversion.
-            return list(map(datetime_type.isoformat, values))
-        if types == {str}:
-            # ISO text (what SQLite stores): parsed and re-printed in C. Anything
-            # else (empty cells, other formats, an offset on a naive column) takes
-            # the per-value path below, which also produces the reject reasons.
-            try:
-                parsed = list(map(datetime_type.fromisoformat, values))
-            except ValueError:
-                parsed = None
-            if parsed is not None and (kind == "timestamptz" or not any(map(_TZINFO, parsed))):
-                return list(map(datetime_type.isoformat, parsed))
         return [v.isoformat() if type(v) is datetime_type and v.tzinfo is None
                 else NULL if v == "" or v is None
                 else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
     return [_convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
 
 
-_BOOL_TEXT = {True: "t", False: "f"}
+_BOOL_TEXT = {True: "t", False: "f"}  # 1 == True and 0 == False: SQLite's 0/1 map too
 _TZINFO = operator.attrgetter("tzinfo")
+_NONE_TYPE = type(None)
+
+
+def _fast_with_nulls(kind: str, types: set[type], values: Sequence[Any]) -> list[str] | None:
+    """The column converted in C when its non-NULL values all have one easy type,
+    with NULLs put back in place; ``None`` when the per-value path is needed."""
+    present: Sequence[Any] = values
+    if _NONE_TYPE in types:
+        types = types - {_NONE_TYPE}
+        present = [v for v in values if v is not None]
+    if not present:
+        return None
+    converted = (_fast_bools(types, present) if kind == "bool"
+                 else _fast_datetimes(kind, types, present))
+    if converted is None or present is values:
+        return converted
+    filled = iter(converted)
+    return [NULL if v is None else next(filled) for v in values]
+
+
+def _fast_bools(types: set[type], values: Sequence[Any]) -> list[str] | None:
+    if not types <= {bool, int}:
+        return None
+    try:
+        return list(map(_BOOL_TEXT.__getitem__, values))
+    except KeyError:  # an int other than 0/1: the per-value path rejects it
+        return None
+
+
+def _fast_datetimes(kind: str, types: set[type], values: Sequence[Any]) -> list[str] | None:
+    datetime_type = dt.datetime
+    if types == {datetime_type}:
+        if not any(map(_TZINFO, values)):
+            return list(map(datetime_type.isoformat, values))
+        if kind == "timestamptz" and all(map(_TZINFO, values)):
+            # Aware values (asyncpg's timestamptz): the ISO text carries the offset
+            # and PostgreSQL stores the same instant, so no per-value conversion.
+            return list(map(datetime_type.isoformat, values))
+        return None
+    if types == {str}:
+        # ISO text (what SQLite stores): parsed and re-printed in C. Anything else
+        # (empty cells, other formats, an offset on a naive column) takes the
+        # per-value path, which also produces the reject reasons.
+        try:
+            parsed = list(map(datetime_type.fromisoformat, values))
+        except ValueError:
+            return None
+        if kind == "timestamptz" or not any(map(_TZINFO, parsed)):
+            return list(map(datetime_type.isoformat, parsed))
+    return None
 
 
 def _text_column(column_type: ColumnType, convert: Converter, values: Sequence[Any],
