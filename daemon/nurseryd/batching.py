@@ -51,6 +51,9 @@ class GroupCommitter(Generic[T, R]):
         self._wakeup = trio.Event()
         self._closing = False
         self._stopped = False
+        #: Round trips made and items they carried (observability, and the tests).
+        self.flushes = 0
+        self.items_flushed = 0
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` and wait until its batch is committed; returns its result."""
@@ -101,6 +104,8 @@ class GroupCommitter(Generic[T, R]):
                     waiter.done.set()
 
     async def _write(self, batch: list[tuple[T, _Waiter[R] | None]]) -> None:
+        self.flushes += 1
+        self.items_flushed += len(batch)
         try:
             results = await self._flush([item for item, _ in batch])
         except Exception as error:
