@@ -187,3 +187,29 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert len(bad_file.stderr.strip().splitlines()) == 1
     serve_refuses = _cli("serve", NURSERYD_BIND="localhost")
     assert serve_refuses.returncode == 2 and "bind" in serve_refuses.stderr
+
+
+async def test_cancel_through_another_daemon_sharing_the_database(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two daemons on one database: a cancel sent to the one that does not run the
+    job reaches the one that does, through the row."""
+    first_env = _env(database_url, tmp_path / "a")
+    second_env = _env(database_url, tmp_path / "b")
+    async with (
+        DaemonProcess.start(first_env) as runner, runner.client() as runner_client,
+        DaemonProcess.start(second_env) as other, other.client() as other_client,
+    ):
+        job = (await runner_client.post("/jobs/sleep", json={"seconds": 60})).json()
+        await _wait_status(runner_client, job["id"], "running")
+        started = trio.current_time()
+        response = await other_client.post(f"/jobs/{job['id']}/cancel")
+        elapsed = trio.current_time() - started
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "cancelled"
+        assert response.json()["cancel_requested_at"] is not None
+        assert elapsed < 3, f"took {elapsed:.1f} s"
+        for daemon in (runner, other):
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    assert "cancel requested through another daemon" in runner.log_text()

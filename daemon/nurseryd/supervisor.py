@@ -45,6 +45,8 @@ FINAL_WRITE_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 5.0
 #: How often reported progress counters reach the table (live status resolution).
 PROGRESS_INTERVAL_S = 0.25
+#: How often a daemon looks for cancel requests that other daemons recorded for its jobs.
+REMOTE_CANCEL_POLL_S = 1.0
 BACKLOG_PAGE = 500
 
 
@@ -211,6 +213,7 @@ class Supervisor:
             async with trio.open_nursery() as periodic:
                 periodic.start_soon(self._heartbeat)
                 periodic.start_soon(self._flush_progress)
+                periodic.start_soon(self._watch_cancel_requests)
                 async with trio.open_nursery() as jobs:
                     jobs.start_soon(self._dispatch, jobs)
                     jobs.start_soon(self._feed_backlog)
@@ -396,7 +399,7 @@ class Supervisor:
                     row = await jobsdb.cancel_queued(self.db, job_id)
                     if row is not None:
                         return jobsdb.job_json(row)
-                    return await self._not_cancellable(job_id)
+                    return await self._cancel_elsewhere(job_id, wait_s)
         if handle.cancel_requested_at is None:
             handle.cancel_requested_at = jobsdb.now()
         handle.stop(StopReason.CANCEL)
@@ -411,19 +414,48 @@ class Supervisor:
         assert job is not None
         return job
 
-    async def _not_cancellable(self, job_id: int) -> dict[str, Any]:
+    async def _cancel_elsewhere(self, job_id: int, wait_s: float) -> dict[str, Any]:
+        """Cancel a job this process does not hold: it runs in another daemon that
+        shares the database. The request goes through the row; the owner's
+        :meth:`_watch_cancel_requests` acts on it within REMOTE_CANCEL_POLL_S."""
         job = await self.get_job(job_id)
         if job is None:
             raise JobNotFound(job_id)
         if Status(job["status"]).is_terminal:
             raise JobAlreadyFinished(job)
-        # Running in another daemon that shares this database: ask it via the row.
-        await self.db.execute(
-            "UPDATE jobs SET cancel_requested_at = now() WHERE id = $1", job_id
-        )
+        await jobsdb.request_cancel(self.db, job_id)
+
+        async def stopped() -> dict[str, Any] | None:
+            current = await self.get_job(job_id)
+            return current if current and Status(current["status"]).is_terminal else None
+
+        # The other daemon's final write is only visible in the table: ask again.
+        with trio.move_on_after(wait_s):
+            while (done := await stopped()) is None:  # noqa: ASYNC110 - another process
+                await trio.sleep(REMOTE_CANCEL_POLL_S / 4)
+            return done
         refreshed = await self.get_job(job_id)
         assert refreshed is not None
         return refreshed
+
+    async def _watch_cancel_requests(self) -> None:
+        """Act on cancel requests recorded in the table by another daemon."""
+        while True:
+            await trio.sleep(REMOTE_CANCEL_POLL_S)
+            held = [handle.id for handle in self.registry.values() if handle.stop_reason is None]
+            if not held:
+                continue
+            try:
+                requested = await jobsdb.cancel_requests_among(self.db, held)
+            except Exception as error:
+                log.warning("checking for cancel requests failed: %s", error)
+                continue
+            for job_id, requested_at in requested:
+                handle = self.registry.get(job_id)
+                if handle is not None:
+                    log.info("job %d: cancel requested through another daemon", job_id)
+                    handle.cancel_requested_at = requested_at
+                    handle.stop(StopReason.CANCEL)
 
     async def get_job(self, job_id: int) -> dict[str, Any] | None:
         row = await jobsdb.get_job(self.db, job_id)

@@ -186,6 +186,19 @@ async def cancel_queued(db: Database, job_id: int) -> asyncpg.Record | None:
     )
 
 
+async def request_cancel(db: Database, job_id: int) -> None:
+    """Record a cancel request for the daemon that holds the job."""
+    await db.execute("UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())"
+                     " WHERE id = $1 AND status IN ('queued', 'running')", job_id)
+
+
+async def cancel_requests_among(db: Database, job_ids: list[int]) -> list[asyncpg.Record]:
+    """Which of these jobs someone asked (through the table) to cancel."""
+    return await db.fetch(
+        "SELECT id, cancel_requested_at FROM jobs"
+        " WHERE id = ANY($1::bigint[]) AND cancel_requested_at IS NOT NULL", job_ids)
+
+
 async def heartbeat(db: Database, job_ids: list[int]) -> None:
     await db.execute("UPDATE jobs SET heartbeat_at = now() WHERE id = ANY($1::bigint[])", job_ids)
 
