@@ -194,14 +194,23 @@ async def test_cancel_through_another_daemon_sharing_the_database(
 ) -> None:
     """Two daemons on one database: a cancel sent to the one that does not run the
     job reaches the one that does, through the row."""
-    first_env = _env(database_url, tmp_path / "a")
+    one_at_a_time = tmp_path / "one.toml"
+    one_at_a_time.write_text("[kinds.sleep]\nconcurrency = 1\n")
+    first_env = _env(database_url, tmp_path / "a", NURSERYD_CONFIG=str(one_at_a_time))
     second_env = _env(database_url, tmp_path / "b")
     async with (
         DaemonProcess.start(first_env) as runner, runner.client() as runner_client,
         DaemonProcess.start(second_env) as other, other.client() as other_client,
     ):
         job = (await runner_client.post("/jobs/sleep", json={"seconds": 60})).json()
+        waiting = (await runner_client.post("/jobs/sleep", json={"seconds": 60})).json()
         await _wait_status(runner_client, job["id"], "running")
+        # Queued in the runner's memory: the other daemon must not cancel it behind
+        # the runner's back (it would still start it), but ask the runner.
+        response = await other_client.post(f"/jobs/{waiting['id']}/cancel")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "cancelled"
+        assert response.json()["started_at"] is None
         started = trio.current_time()
         response = await other_client.post(f"/jobs/{job['id']}/cancel")
         elapsed = trio.current_time() - started
@@ -209,6 +218,14 @@ async def test_cancel_through_another_daemon_sharing_the_database(
         assert response.json()["status"] == "cancelled"
         assert response.json()["cancel_requested_at"] is not None
         assert elapsed < 3, f"took {elapsed:.1f} s"
+
+        async def runner_idle() -> dict | None:
+            ready = (await runner_client.get("/readyz")).json()
+            return ready if ready["running"] == ready["queued"] == 0 else None
+
+        await eventually(runner_idle, timeout=5)  # the freed slot started nothing
+        after = (await runner_client.get(f"/jobs/{waiting['id']}")).json()
+        assert (after["status"], after["attempts"]) == ("cancelled", 0)
         for daemon in (runner, other):
             daemon.send_signal(signal.SIGTERM)
             assert await daemon.wait() == 0

@@ -393,13 +393,14 @@ class Supervisor:
         ``wait_s``, with ``cancel_requested_at`` set, if it is slow to stop)."""
         handle = self.registry.get(job_id)
         if handle is None:
-            async with self._backlog_lock:
+            async with self._backlog_lock:  # the backlog feeder must not load it meanwhile
                 handle = self.registry.get(job_id)
                 if handle is None:
-                    row = await jobsdb.cancel_queued(self.db, job_id)
+                    row = await jobsdb.cancel_queued(self.db, job_id, self.owner)
                     if row is not None:
                         return jobsdb.job_json(row)
-                    return await self._cancel_elsewhere(job_id, wait_s)
+            if handle is None:
+                return await self._cancel_elsewhere(job_id, wait_s)
         if handle.cancel_requested_at is None:
             handle.cancel_requested_at = jobsdb.now()
         handle.stop(StopReason.CANCEL)

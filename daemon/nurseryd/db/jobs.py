@@ -174,15 +174,18 @@ async def list_jobs(
     )
 
 
-async def cancel_queued(db: Database, job_id: int) -> asyncpg.Record | None:
-    """Cancel a job that no process holds in memory: only if still queued."""
+async def cancel_queued(db: Database, job_id: int, owner: str) -> asyncpg.Record | None:
+    """Cancel a queued job that no live process holds in memory: ours but not loaded
+    yet, unowned, or owned by a dead daemon. A live daemon's queued job is left to
+    that daemon (``request_cancel``), which would otherwise still start it."""
     return await db.fetchrow(
         "UPDATE jobs SET status = 'cancelled', finished_at = now(),"
         " cancel_requested_at = coalesce(cancel_requested_at, now()),"
         " error = 'cancelled before it started'"
-        " WHERE id = $1 AND status = 'queued'"
+        " WHERE id = $1 AND status = 'queued' AND (owner IS NULL OR owner = $2"
+        f" OR pg_try_advisory_xact_lock({owner_lock_sql('owner')}))"
         f" RETURNING {', '.join(PUBLIC_FIELDS)}, checkpoint, owner",
-        job_id,
+        job_id, owner,
     )
 
 
