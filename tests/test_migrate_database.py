@@ -228,29 +228,24 @@ async def test_postgres_to_postgres_with_aliases_rejects_and_ignored_columns(
     await fill_pg(source, 1, 3000)
     await source.execute("ALTER TABLE legacy_chats ALTER external_id DROP NOT NULL")
     await source.execute("UPDATE legacy_chats SET external_id = NULL WHERE chat_id = 100042")
-    settings = plain_settings(f"""
-        [sources.renamed]
-        url = "{url}"
-        query = '''SELECT chat_id AS "Chat ID", external_id AS "External ID", customer_name,
-                   customer_email, channel AS "Канал", status, created_at, message_count,
-                   is_vip AS vip, last_message, legacy_note, 42 AS answer
-                   FROM legacy_chats'''
-        key = ["chat_id"]
-        batch_rows = 700
-    """)
+    def renamed(key: str) -> Settings:
+        return plain_settings(f"""
+            [sources.renamed]
+            url = "{url}"
+            query = '''SELECT chat_id AS "Chat ID", external_id AS "External ID",
+                       customer_name, customer_email, channel AS "Канал", status, created_at,
+                       message_count, is_vip AS vip, last_message, legacy_note, 42 AS answer
+                       FROM legacy_chats'''
+            key = ["{key}"]
+            batch_rows = 700
+        """)
+
+    # The key names a column of the *result*: the source's own name is refused.
+    settings = renamed("chat_id")
     ctx = SourceContext(target_db, await new_job(target_db), settings)
     with pytest.raises(JobFailed, match="key column 'chat_id' is not in the result"):
         await run(ctx, source_for(settings, "renamed"))
-    settings = plain_settings(f"""
-        [sources.renamed]
-        url = "{url}"
-        query = '''SELECT chat_id AS "Chat ID", external_id AS "External ID", customer_name,
-                   customer_email, channel AS "Канал", status, created_at, message_count,
-                   is_vip AS vip, last_message, legacy_note, 42 AS answer
-                   FROM legacy_chats'''
-        key = ["Chat ID"]
-        batch_rows = 700
-    """)
+    settings = renamed("Chat ID")
     ctx = SourceContext(target_db, await new_job(target_db), settings)
     result = await run(ctx, source_for(settings, "renamed"))
     assert ctx.counters == {"total": 3000, "processed": 2999, "failed": 1}
