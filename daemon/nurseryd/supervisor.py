@@ -501,8 +501,16 @@ class Supervisor:
                 self._running -= 1
                 handle.running = False
             try:
-                with trio.CancelScope(shield=True):
+                # Shielded, so the cancellation that ended the job cannot also eat its
+                # status; with a deadline of its own, so a hung database cannot hang
+                # the shutdown (the job is then recovered at the next start).
+                final_write = trio.CancelScope(
+                    shield=True, deadline=trio.current_time() + FINAL_WRITE_TIMEOUT_S)
+                with final_write:
                     await self._finish(handle, started, returned, raised)
+                if final_write.cancelled_caught:
+                    log.error("job %d: final status write timed out; recovered at next start",
+                              handle.id)
             finally:
                 self.registry.pop(handle.id, None)
                 handle.finished.set()
@@ -549,14 +557,11 @@ class Supervisor:
             del values["result"]
         if event is Event.FAIL:
             log.warning("job %d (%s) failed: %s", handle.id, handle.kind.name, values["error"])
-        with trio.move_on_after(FINAL_WRITE_TIMEOUT_S) as scope:
-            try:
-                handle.final_row = await self._updates.submit(jobsdb.JobUpdate(handle.id, values))
-            except Exception as error:
-                log.error("job %d: final status %s not written (%s); it will be recovered"
-                          " at the next start", handle.id, status.value, error)
-        if scope.cancelled_caught:
-            log.error("job %d: final status write timed out; recovered at next start", handle.id)
+        try:
+            handle.final_row = await self._updates.submit(jobsdb.JobUpdate(handle.id, values))
+        except Exception as error:
+            log.error("job %d: final status %s not written (%s); it will be recovered"
+                      " at the next start", handle.id, status.value, error)
 
 
 def _error_text(event: Event, handle: JobHandle, raised: Exception | None) -> str | None:
