@@ -109,6 +109,10 @@ class JobHandle:
     finished: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     cancel_requested_at: Any = None
+    #: The kind commits processed/failed with its data (note_checkpoint): progress
+    #: flushes then leave them alone, so a flush in flight never lands a stale
+    #: count after a newer batch committed.
+    commits_own_counters: bool = False
     #: The row as the final status write left it (None if it was not written).
     final_row: Any = None
 
@@ -153,6 +157,7 @@ class _Context:
 
     def note_checkpoint(self, checkpoint: Any) -> None:
         self.checkpoint = self._handle.checkpoint = checkpoint
+        self._handle.commits_own_counters = True
 
     def set_result(self, result: Any) -> None:
         self._handle.result = result
@@ -308,10 +313,10 @@ class Supervisor:
             dirty, self._progress_dirty = self._progress_dirty, set()
             for handle in dirty:
                 if handle.id in self.registry and not handle.finished.is_set():
-                    self._write_soon(jobsdb.JobUpdate(handle.id, {
-                        "total": handle.total, "processed": handle.processed,
-                        "failed": handle.failed,
-                    }))
+                    values: dict[str, Any] = {"total": handle.total}
+                    if not handle.commits_own_counters:
+                        values.update(processed=handle.processed, failed=handle.failed)
+                    self._write_soon(jobsdb.JobUpdate(handle.id, values))
 
     async def _heartbeat(self) -> None:
         while True:

@@ -65,7 +65,8 @@ class JobContext(Protocol):
 
     def note_checkpoint(self, checkpoint: Any) -> None:
         """The job committed ``checkpoint`` itself, in the same transaction as its
-        data: remember it (the final status write carries it) without writing it."""
+        data *and its processed/failed counters*: remember it (the final status
+        write carries it) without writing it, and leave those counters to the job."""
 
     def set_result(self, result: Any) -> None:
         """The JSON result stored with the job when it ends (also on failure)."""
