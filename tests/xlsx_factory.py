@@ -122,14 +122,19 @@ SHEET_HEAD = ('<?xml version="1.0" encoding="UTF-8"?><worksheet xmlns="http://sc
               'openxmlformats.org/spreadsheetml/2006/main">')
 
 
+def _write_package_parts(archive: zipfile.ZipFile) -> None:
+    """Everything of a minimal .xlsx except the sheet and the shared strings."""
+    archive.writestr("[Content_Types].xml", _CONTENT_TYPES)
+    archive.writestr("_rels/.rels", _RELS)
+    archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
+    archive.writestr("xl/workbook.xml", _WORKBOOK)
+
+
 def raw_workbook(path: Path, sheet_xml: str | bytes, *, shared_strings: str | None = None,
                  compression: int = zipfile.ZIP_DEFLATED) -> Path:
     """A minimal .xlsx with the given sheet XML (hand-made, for hostile cases)."""
     with zipfile.ZipFile(path, "w", compression) as archive:
-        archive.writestr("[Content_Types].xml", _CONTENT_TYPES)
-        archive.writestr("_rels/.rels", _RELS)
-        archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
-        archive.writestr("xl/workbook.xml", _WORKBOOK)
+        _write_package_parts(archive)
         archive.writestr("xl/worksheets/sheet1.xml", sheet_xml)
         archive.writestr("xl/sharedStrings.xml", shared_strings or _EMPTY_SST)
     return path
@@ -180,10 +185,7 @@ def huge_cell(path: Path, size: int = 1024**3) -> Path:
     tail = "</t></is></c></row></sheetData></worksheet>"
     path_tmp = path
     with zipfile.ZipFile(path_tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("[Content_Types].xml", _CONTENT_TYPES)
-        archive.writestr("_rels/.rels", _RELS)
-        archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
-        archive.writestr("xl/workbook.xml", _WORKBOOK)
+        _write_package_parts(archive)
         archive.writestr("xl/sharedStrings.xml", _EMPTY_SST)
         with archive.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as member:
             member.write(head.encode())
@@ -200,10 +202,7 @@ def many_rows_bomb(path: Path, rows: int = 3_000_000) -> Path:
     """Millions of identical rows (highly compressible) with no <dimension>."""
     row = '<row><c t="inlineStr"><is><t>x</t></is></c><c><v>1</v></c></row>'
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("[Content_Types].xml", _CONTENT_TYPES)
-        archive.writestr("_rels/.rels", _RELS)
-        archive.writestr("xl/_rels/workbook.xml.rels", _WB_RELS)
-        archive.writestr("xl/workbook.xml", _WORKBOOK)
+        _write_package_parts(archive)
         archive.writestr("xl/sharedStrings.xml", _EMPTY_SST)
         with archive.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as member:
             member.write((SHEET_HEAD + "<sheetData>").encode())
