@@ -75,12 +75,8 @@ def next_status(status: Status, event: Event) -> Status:
         raise InvalidTransition(status, event) from None
 
 
-def can(status: Status, event: Event) -> bool:
-    return (status, event) in TRANSITIONS
-
-
 def statuses_allowing(event: Event) -> frozenset[Status]:
-    """The statuses from which ``event`` is allowed: used to guard SQL updates."""
+    """The statuses from which ``event`` is allowed."""
     return frozenset(status for (status, each), _ in TRANSITIONS.items() if each is event)
 
 

@@ -63,7 +63,7 @@ async def hold_owner_lock(db: Database, owner: str) -> AsyncIterator[None]:
     Other instances (and our own next start) treat an owner whose lock is free as
     dead and take over its unfinished jobs at once: see ``jobs.adopt_orphans``.
     """
-    loop = db._loop
+    loop = db.loop
 
     async def _connect() -> asyncpg.Connection:
         conn = await asyncpg.connect(db.dsn)

@@ -68,7 +68,8 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.dsn = dsn
-        self._loop = loop
+        #: The trio-asyncio loop asyncpg runs on (for code that must bridge itself).
+        self.loop = loop
 
     async def run(
         self,
@@ -90,13 +91,10 @@ class Database:
                 async with conn.transaction():
                     return await fn(conn, *args)
 
-        return await trio_asyncio.aio_as_trio(_acquire_and_run, loop=self._loop)()
+        return await trio_asyncio.aio_as_trio(_acquire_and_run, loop=self.loop)()
 
     async def execute(self, sql: str, *args: Any) -> str:
         return await self.run(_execute, sql, args, transaction=False)
-
-    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self.run(_executemany, sql, list(rows))
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await self.run(_fetch, sql, args, transaction=False)
@@ -119,10 +117,6 @@ class Database:
 
 async def _execute(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> str:
     return await conn.execute(sql, *args)
-
-
-async def _executemany(conn: asyncpg.Connection, sql: str, rows: list[Sequence[Any]]) -> None:
-    await conn.executemany(sql, rows)
 
 
 async def _fetch(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> list[asyncpg.Record]:

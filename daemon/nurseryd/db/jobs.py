@@ -15,7 +15,6 @@ from typing import Any
 
 import asyncpg
 
-from ..lifecycle import Status
 from .database import Database
 
 PUBLIC_FIELDS = (
@@ -228,7 +227,7 @@ WITH orphans AS (
 )
 UPDATE jobs SET status = 'queued', owner = $2
 FROM orphans WHERE jobs.id = orphans.id
-RETURNING jobs.id, (jobs.status IS DISTINCT FROM 'queued') AS was_running
+RETURNING jobs.id
 """
 
 
@@ -260,5 +259,3 @@ async def queued_for(
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
-
-TERMINAL_VALUES = tuple(status.value for status in Status if status.is_terminal)

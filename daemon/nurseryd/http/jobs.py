@@ -8,6 +8,7 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from ..db import jobs as jobsdb
 from ..lifecycle import Status
 from ..supervisor import JobNotFound
 from .context import get_services
@@ -110,8 +111,6 @@ async def trigger(kind: str) -> Response:
 
 @blueprint.get("/jobs")
 async def list_jobs() -> Response:
-    from ..db import jobs as jobsdb
-
     kind = request.args.get("kind") or None
     statuses = [value for value in request.args.get("status", "").split(",") if value]
     allowed = {status.value for status in Status}
