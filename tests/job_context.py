@@ -65,7 +65,12 @@ class RecordingContext:
             await self.db.execute("UPDATE jobs SET checkpoint = $2 WHERE id = $1",
                                   self.job_id, checkpoint)
 
-    def note_checkpoint(self, checkpoint: Any) -> None:
+    async def commit_progress(self, conn: Any, checkpoint: Any, *, processed: int,
+                              failed: int) -> None:
+        """As the supervisor's does, minus the claim guard (no supervisor started
+        the job): the row's checkpoint and counters, in the kind's transaction."""
+        await conn.execute("UPDATE jobs SET checkpoint = $2, processed = $3, failed = $4"
+                           " WHERE id = $1", self.job_id, checkpoint, processed, failed)
         self.checkpoint = checkpoint
 
     def set_result(self, result: Any) -> None:

@@ -205,10 +205,11 @@ async def test_merged_batches_with_a_key_in_both_and_direct_copy_fallback(db: Da
     later[0][6] = "reopened"
     for direct in (True, False):
         await db.execute("TRUNCATE chats")
-        await db.run(apply_batch, plan, job, [_batch([list(ROWS[0])], 2, 2)], start,
+        ctx = RecordingContext(db, job_id=job)
+        await db.run(apply_batch, plan, ctx, [_batch([list(ROWS[0])], 2, 2)], start,
                      LoadMode(direct=False))  # the table is not empty any more
         mode = LoadMode(direct=direct)
-        checkpoint = await db.run(apply_batch, plan, job,
+        checkpoint = await db.run(apply_batch, plan, ctx,
                                   [_batch(ROWS[:3], 2, 4), _batch(later, 5, 7)], start, mode)
         assert not mode.direct  # switched to the upsert path for good
         assert (checkpoint["processed"], checkpoint["position"]) == (6, 7)

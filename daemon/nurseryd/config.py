@@ -20,13 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is wrong. ``str()`` is the one line shown to the operator."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"config error: {key}: {message}")
-        self.key = key
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

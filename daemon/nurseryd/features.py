@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from quart import Blueprint
 
+from .errors import StartupError  # noqa: F401  (re-exported)
 from .kinds.base import JobKind, KindRegistry
 from .services import Services
 
@@ -64,7 +65,3 @@ def build_registry() -> KindRegistry:
     for kind in job_kinds():
         registry.add(kind)
     return registry
-
-
-class StartupError(RuntimeError):
-    """A start-up check failed; ``str()`` is the one line shown to the operator."""

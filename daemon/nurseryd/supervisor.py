@@ -33,6 +33,15 @@ from .batching import CommitterClosed, GroupCommitter
 from .config import Settings
 from .db import Database
 from .db import jobs as jobsdb
+from .errors import (  # noqa: F401  (re-exported for the HTTP layer)
+    Draining,
+    JobAlreadyFinished,
+    JobConflict,
+    JobNotFound,
+    QueueFull,
+    SupervisorError,
+    UnknownKind,
+)
 from .kinds.base import JobKind, KindRegistry, ParamError
 from .lifecycle import Event, Status, StopReason
 
@@ -48,46 +57,6 @@ PROGRESS_INTERVAL_S = 0.25
 #: How often a daemon looks for cancel requests that other daemons recorded for its jobs.
 REMOTE_CANCEL_POLL_S = 1.0
 BACKLOG_PAGE = 500
-
-
-class SupervisorError(Exception):
-    """Base of the errors ``submit`` and ``cancel`` raise for the HTTP layer to map."""
-
-
-class UnknownKind(SupervisorError):
-    def __init__(self, kind: str, known: list[str]) -> None:
-        super().__init__(f"unknown job kind {kind!r}; known kinds: {', '.join(known)}")
-        self.kind = kind
-        self.known = known
-
-
-class Draining(SupervisorError):
-    def __init__(self) -> None:
-        super().__init__("the daemon is shutting down and accepts no new jobs; retry shortly")
-
-
-class QueueFull(SupervisorError):
-    def __init__(self, size: int) -> None:
-        super().__init__(f"{size} jobs are already waiting to start; retry shortly")
-        self.size = size
-
-
-class JobConflict(SupervisorError):
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"a {kind} job is already active")
-        self.kind = kind
-
-
-class JobNotFound(SupervisorError):
-    def __init__(self, job_id: int) -> None:
-        super().__init__(f"no job with id {job_id}")
-        self.job_id = job_id
-
-
-class JobAlreadyFinished(SupervisorError):
-    def __init__(self, job: dict[str, Any]) -> None:
-        super().__init__(f"job {job['id']} already ended with status {job['status']!r}")
-        self.job = job
 
 
 @dataclass(eq=False)
@@ -155,9 +124,12 @@ class _Context:
             "processed": self._handle.processed, "failed": self._handle.failed,
         }))
 
-    def note_checkpoint(self, checkpoint: Any) -> None:
-        self.checkpoint = self._handle.checkpoint = checkpoint
+    async def commit_progress(
+        self, conn: Any, checkpoint: Any, *, processed: int, failed: int
+    ) -> None:
         self._handle.commits_own_counters = True
+        await jobsdb.commit_progress_in(conn, self.job_id, self._supervisor.owner,
+                                        self._handle.attempts, checkpoint, processed, failed)
 
     def set_result(self, result: Any) -> None:
         self._handle.result = result
@@ -493,7 +465,7 @@ class Supervisor:
                         await trio.lowlevel.checkpoint()
                     started = True
                     self._waiting -= 1
-                    self._start(handle)
+                    await self._start(handle)
                     try:
                         await handle.kind.run(_Context(self, handle))
                         returned = True
@@ -522,12 +494,12 @@ class Supervisor:
                 self._job_ended.set()
                 self._job_ended = trio.Event()
 
-    def _start(self, handle: JobHandle) -> None:
+    async def _start(self, handle: JobHandle) -> None:
         handle.running = True
         self._running += 1
         handle.attempts += 1
         handle.scope.deadline = trio.current_time() + handle.timeout_s
-        self._write_soon(jobsdb.JobUpdate(handle.id, {
+        await self._updates.submit(jobsdb.JobUpdate(handle.id, {
             "status": Status.RUNNING.value, "started_at": jobsdb.now(),
             "attempts": handle.attempts, "owner": self.owner, "error": None,
         }))
@@ -556,6 +528,9 @@ class Supervisor:
             "error": _error_text(event, handle, raised),
             "finished_at": None if status is Status.QUEUED else jobsdb.now(),
         }
+        if handle.commits_own_counters:  # committed with the kind's data, by the kind
+            for name in ("processed", "failed", "checkpoint"):
+                del values[name]
         if handle.cancel_requested_at is not None:
             values["cancel_requested_at"] = handle.cancel_requested_at
         if status is Status.QUEUED:

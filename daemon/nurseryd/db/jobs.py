@@ -15,6 +15,8 @@ from typing import Any
 
 import asyncpg
 
+from ..errors import LostClaim
+from ..lifecycle import ACTIVE, Status
 from .database import Database
 
 PUBLIC_FIELDS = (
@@ -254,6 +256,55 @@ async def queued_for(
         f"{_SELECT} WHERE owner = $1 AND status = 'queued' AND id > $2 ORDER BY id LIMIT $3",
         owner, after_id, limit,
     )
+
+
+# -- questions other modules ask of the jobs table ----------------------------------------
+
+
+async def seconds_since_latest(db: Database, kind: str) -> float | None:
+    """Seconds since the newest job of ``kind`` was created (``None``: never)."""
+    return await db.fetchval(
+        "SELECT extract(epoch FROM now() - max(created_at))::float8 FROM jobs WHERE kind = $1",
+        kind)
+
+
+async def active_job_id(db: Database, kind: str) -> int | None:
+    """The newest queued or running job of ``kind``."""
+    return await db.fetchval(
+        "SELECT id FROM jobs WHERE kind = $1 AND status = ANY($2::text[])"
+        " ORDER BY id DESC LIMIT 1", kind, _values(ACTIVE))
+
+
+async def latest_job_id(db: Database, kind: str) -> int | None:
+    return await db.fetchval("SELECT max(id) FROM jobs WHERE kind = $1", kind)
+
+
+async def uploads_in_use(db: Database, kind: str = "migration") -> set[str]:
+    """``params.upload`` of every unfinished job of ``kind``: files still needed."""
+    rows = await db.fetch(
+        "SELECT params->>'upload' AS upload FROM jobs WHERE kind = $1"
+        " AND status = ANY($2::text[]) AND params ? 'upload'", kind, _values(ACTIVE))
+    return {row["upload"] for row in rows}
+
+
+async def commit_progress_in(
+    conn: asyncpg.Connection, job_id: int, owner: str, attempt: int,
+    checkpoint: Any, processed: int, failed: int,
+) -> None:
+    """Asyncio side, inside the caller's transaction: the checkpoint and counters of
+    a running job, guarded by its owner and attempt. Raises :class:`LostClaim`
+    (the caller's transaction then rolls back) when this attempt no longer holds
+    the job."""
+    status = await conn.execute(
+        "UPDATE jobs SET checkpoint = $2, processed = $3, failed = $4"
+        " WHERE id = $1 AND status = $5 AND owner = $6 AND attempts = $7",
+        job_id, checkpoint, processed, failed, Status.RUNNING.value, owner, attempt)
+    if status != "UPDATE 1":
+        raise LostClaim(job_id)
+
+
+def _values(statuses: Iterable[Status]) -> list[str]:
+    return sorted(status.value for status in statuses)
 
 
 def now() -> dt.datetime:

@@ -18,22 +18,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import JobFailed, ParamError  # noqa: F401  (kinds import them from here)
+
 if TYPE_CHECKING:
+    import asyncpg
+
     from ..config import Settings
     from ..db import Database
-
-
-class ParamError(ValueError):
-    """A job parameter is invalid; the HTTP layer answers 422 naming ``field``."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
-class JobFailed(Exception):
-    """Raised by a kind to fail its job with a clear, user-facing reason."""
 
 
 class JobContext(Protocol):
@@ -63,10 +54,19 @@ class JobContext(Protocol):
     async def save_checkpoint(self, checkpoint: Any) -> None:
         """Durably store ``checkpoint`` (JSON) with the current counters."""
 
-    def note_checkpoint(self, checkpoint: Any) -> None:
-        """The job committed ``checkpoint`` itself, in the same transaction as its
-        data *and its processed/failed counters*: remember it (the final status
-        write carries it) without writing it, and leave those counters to the job."""
+    async def commit_progress(
+        self, conn: asyncpg.Connection, checkpoint: Any, *, processed: int, failed: int
+    ) -> None:
+        """Write ``checkpoint`` and the counters inside the kind's own transaction.
+
+        Asyncio side: call it with the connection of a :meth:`Database.run`
+        transaction that also writes the data the checkpoint stands for, so both
+        commit or neither does. The write is guarded by this attempt's claim on
+        the job; when the claim is lost it raises
+        :class:`~nurseryd.errors.LostClaim` and the transaction rolls back. Once
+        a kind calls it, its checkpoint and processed/failed counters are its
+        own: progress flushes and the final status write leave them alone.
+        """
 
     def set_result(self, result: Any) -> None:
         """The JSON result stored with the job when it ends (also on failure)."""

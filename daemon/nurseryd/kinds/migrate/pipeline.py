@@ -47,8 +47,6 @@ COPY_SLICE = 256 * 1024
 QUEUE_BATCHES = 4
 #: Upper bound of rows written in one transaction when batches queue up.
 MAX_MERGED_ROWS = 40_000
-#: Bound on reading back the committed checkpoint when the pipeline stops.
-CHECKPOINT_SYNC_TIMEOUT_S = 5.0
 
 
 COUNTER_NAMES = ("processed", "failed", "inserted", "updated", "unchanged")
@@ -134,7 +132,6 @@ _INSERT_REJECTS = (
     "FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) "
     "AS r(row_number, column_name, reason, raw) "
     "ON CONFLICT (job_id, row_number) DO NOTHING")
-_SAVE_CHECKPOINT = "UPDATE jobs SET checkpoint = $2, processed = $3, failed = $4 WHERE id = $1"
 
 
 @dataclass
@@ -170,7 +167,7 @@ async def _write_rows(conn: asyncpg.Connection, plan: LoadPlan, payload: bytes |
     return int(row["inserted"]), int(row["updated"])
 
 
-async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, job_id: int,
+async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, ctx: JobContext,
                       batches: Sequence[SourceBatch], checkpoint: dict[str, Any],
                       mode: LoadMode) -> dict[str, Any]:
     """Asyncio side, inside the transaction :meth:`Database.run` opened.
@@ -204,7 +201,7 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, job_id: int,
                     updated += one_updated
     if batch.rejects:
         await conn.execute(
-            _INSERT_REJECTS, job_id,
+            _INSERT_REJECTS, ctx.job_id,
             [r.row_number for r in batch.rejects], [r.column for r in batch.rejects],
             [r.reason for r in batch.rejects],
             [json.dumps(r.raw, ensure_ascii=False, default=str) for r in batch.rejects])
@@ -215,8 +212,8 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, job_id: int,
                   "inserted": checkpoint["inserted"] + inserted,
                   "updated": checkpoint["updated"] + updated,
                   "unchanged": checkpoint["unchanged"] + good - inserted - updated}
-    await conn.execute(_SAVE_CHECKPOINT, job_id, checkpoint, checkpoint["processed"],
-                       checkpoint["failed"])
+    await ctx.commit_progress(conn, checkpoint, processed=checkpoint["processed"],
+                              failed=checkpoint["failed"])
     return checkpoint
 
 
@@ -259,38 +256,31 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
             except SourceError as error:
                 failure.append(error)
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(produce)
-            async with receive:
-                async for event in receive:
-                    if isinstance(event, Total):
-                        counters.expected = event.total
-                        ctx.report(total=max(event.total, counters.processed + counters.failed))
-                    elif isinstance(event, Header):
-                        header = event
-                        plan = LoadPlan.build(target, event.columns, timezone)
-                        mode.direct = resume is None and await ctx.db.fetchval(plan.is_empty)
-                    elif isinstance(event, SourceBatch):
-                        if plan is None:
-                            raise JobFailed(f"source {source.source_type} sent rows before "
-                                            "its header")
-                        batches, pending = _take_ready(event, receive)
-                        await _load(ctx, plan, batches, counters, source, mode)
-                        for other in pending:  # a Total that arrived between batches
-                            if isinstance(other, Total):
-                                counters.expected = other.total
-                        done = counters.processed + counters.failed
-                        if counters.expected is not None and done > counters.expected:
-                            counters.expected = done  # the declared size was wrong
-                        if counters.expected is not None:
-                            ctx.report(total=counters.expected)
-    finally:
-        # Also on cancel/shutdown: the supervisor's final status write carries its
-        # copy of the checkpoint, so make it the committed one (shielded: it must
-        # happen as the job stops; bounded: never hang a shutdown).
-        with trio.CancelScope(shield=True), trio.move_on_after(CHECKPOINT_SYNC_TIMEOUT_S):
-            await _note_committed_checkpoint(ctx)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        async with receive:
+            async for event in receive:
+                if isinstance(event, Total):
+                    counters.expected = event.total
+                    ctx.report(total=max(event.total, counters.processed + counters.failed))
+                elif isinstance(event, Header):
+                    header = event
+                    plan = LoadPlan.build(target, event.columns, timezone)
+                    mode.direct = resume is None and await ctx.db.fetchval(plan.is_empty)
+                elif isinstance(event, SourceBatch):
+                    if plan is None:
+                        raise JobFailed(f"source {source.source_type} sent rows before "
+                                        "its header")
+                    batches, pending = _take_ready(event, receive)
+                    await _load(ctx, plan, batches, counters, source, mode)
+                    for other in pending:  # a Total that arrived between batches
+                        if isinstance(other, Total):
+                            counters.expected = other.total
+                    done = counters.processed + counters.failed
+                    if counters.expected is not None and done > counters.expected:
+                        counters.expected = done  # the declared size was wrong
+                    if counters.expected is not None:
+                        ctx.report(total=counters.expected)
     if failure:
         raise JobFailed(str(failure[0]))
     if header is None:
@@ -328,26 +318,12 @@ def _take_ready(first: SourceBatch, receive: trio.MemoryReceiveChannel[SourceEve
     return batches, others
 
 
-async def _note_committed_checkpoint(ctx: JobContext) -> None:
-    """Hand the supervisor what the database holds, not what we last heard of.
-
-    A cancel can land after a batch transaction committed on the asyncio side
-    but before its result reached us (measured: the SIGTERM test lost exactly
-    one batch that way), so the committed checkpoint is read back.
-    """
-    committed = await ctx.db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
-    if isinstance(committed, dict) and committed.get("v") == CHECKPOINT_VERSION:
-        ctx.note_checkpoint(committed)
-        ctx.report(processed=int(committed["processed"]), failed=int(committed["failed"]))
-
-
 async def _load(ctx: JobContext, plan: LoadPlan, batches: list[SourceBatch],
                 counters: Counters, source: Source, mode: LoadMode) -> None:
     for batch in batches:
         batch.rejects = [_reject_tuple(r) for r in batch.rejects]
     before = {"v": CHECKPOINT_VERSION, "source_type": source.source_type, **counters.saved()}
-    checkpoint = await ctx.db.run(apply_batch, plan, ctx.job_id, batches, before, mode)
+    checkpoint = await ctx.db.run(apply_batch, plan, ctx, batches, before, mode)
     for name in COUNTER_NAMES:
         setattr(counters, name, checkpoint[name])
     ctx.report(processed=counters.processed, failed=counters.failed)
-    ctx.note_checkpoint(checkpoint)  # committed with the batch: no second write

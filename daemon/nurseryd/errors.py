@@ -1,0 +1,105 @@
+"""Every error nurseryd raises on purpose, in one hierarchy.
+
+Why one hierarchy: the HTTP layer maps errors to status codes in one table
+(``http/errors.py``), the CLI prints start-up errors as one line, and a kind's
+failure is told apart from a bug by its class, not by its message. A module
+raises the most specific class here; nothing outside this module defines an
+error that callers are expected to catch across a layer.
+
+``str()`` of each is the sentence shown to the user: what is wrong and how to
+fix it. None of them carries a secret.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NurserydError(Exception):
+    """Base of every error raised on purpose."""
+
+
+# -- configuration and start-up --------------------------------------------------------
+
+
+class ConfigError(NurserydError, ValueError):
+    """A configuration value is wrong. ``str()`` is the one line shown to the operator."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+class StartupError(NurserydError, RuntimeError):
+    """A start-up check failed; ``str()`` is the one line shown to the operator."""
+
+
+# -- job input and outcome --------------------------------------------------------------
+
+
+class ParamError(NurserydError, ValueError):
+    """A job parameter is invalid; the HTTP layer answers 422 naming ``field``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class JobFailed(NurserydError):
+    """Raised by a kind to fail its job with a clear, user-facing reason."""
+
+
+class LostClaim(NurserydError):
+    """A write of a running job matched no row: this attempt no longer owns the job.
+
+    Raised inside a kind's own transaction (which then rolls back), so a writer
+    that lost its claim changes nothing; the supervisor stops the attempt.
+    """
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id}: this attempt no longer holds the job")
+        self.job_id = job_id
+
+
+# -- supervisor: intake and cancellation -------------------------------------------------
+
+
+class SupervisorError(NurserydError):
+    """Base of the errors ``submit`` and ``cancel`` raise for the HTTP layer to map."""
+
+
+class UnknownKind(SupervisorError):
+    def __init__(self, kind: str, known: list[str]) -> None:
+        super().__init__(f"unknown job kind {kind!r}; known kinds: {', '.join(known)}")
+        self.kind = kind
+        self.known = known
+
+
+class Draining(SupervisorError):
+    def __init__(self) -> None:
+        super().__init__("the daemon is shutting down and accepts no new jobs; retry shortly")
+
+
+class QueueFull(SupervisorError):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} jobs are already waiting to start; retry shortly")
+        self.size = size
+
+
+class JobConflict(SupervisorError):
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"a {kind} job is already active")
+        self.kind = kind
+
+
+class JobNotFound(SupervisorError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"no job with id {job_id}")
+        self.job_id = job_id
+
+
+class JobAlreadyFinished(SupervisorError):
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job['id']} already ended with status {job['status']!r}")
+        self.job = job
