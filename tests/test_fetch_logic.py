@@ -12,15 +12,18 @@ import pytest
 import trio
 import trio.testing
 
+from nurseryd.backoff import (
+    GaveUp,
+    RetryPolicy,
+    TryAgain,
+    backoff_delay,
+    is_retryable_status,
+    parse_retry_after,
+    retry,
+)
 from nurseryd.config import ConfigError, load_settings
 from nurseryd.kinds.base import ParamError
-from nurseryd.kinds.fetch.client import (
-    StatusClass,
-    backoff_delay,
-    classify_status,
-    parse_retry_after,
-    retry_delay,
-)
+from nurseryd.kinds.fetch.client import StatusClass, classify_status
 from nurseryd.kinds.fetch.config import parse_fetch_section, parse_source
 from nurseryd.kinds.fetch.job import parse_fetch_params
 from nurseryd.kinds.fetch.parse import (
@@ -166,11 +169,60 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
 
 
 def test_retry_delay_gives_up_when_out_of_attempts_or_budget() -> None:
-    common = {"base": 1.0, "cap": 30.0, "fraction": 0.5}
-    assert retry_delay(1, max_attempts=3, retry_after=None, remaining=10, **common) == 0.5
-    assert retry_delay(3, max_attempts=3, retry_after=None, remaining=10, **common) is None
-    assert retry_delay(1, max_attempts=3, retry_after=5, remaining=10, **common) == 5
-    assert retry_delay(1, max_attempts=3, retry_after=60, remaining=10, **common) is None
+    policy = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=30.0)  # as the fetch builds it
+    common = {"remaining": 10, "fraction": 0.5}
+    assert policy.delay(1, None, **common) == 0.5
+    assert policy.delay(3, None, **common) is None
+    assert policy.delay(1, 5, **common) == 5
+    assert policy.delay(1, 60, **common) is None
+
+
+@pytest.mark.parametrize(("status", "retryable"), [
+    (408, True), (425, True), (429, True), (500, True), (502, True), (503, True),
+    (504, True), (599, True), (501, False), (505, False), (400, False), (401, False),
+    (403, False), (404, False), (304, False), (200, False),
+])
+def test_one_status_classifier_for_every_http_client(status: int, retryable: bool) -> None:
+    assert is_retryable_status(status) is retryable
+
+
+def test_equal_jitter_never_retries_at_once() -> None:
+    policy = RetryPolicy(10, 1.0, 8.0, jitter_floor=0.5)
+    assert policy.delay(1, fraction=0) == 0.5 and policy.delay(1, fraction=0.999) < 1
+    assert policy.delay(5, fraction=0) == 4 and policy.delay(9, fraction=0.999) < 8
+
+
+async def test_retry_loop_sleeps_on_the_trio_clock(autojump_clock: trio.testing.MockClock,
+                                                  ) -> None:
+    calls: list[float] = []
+    retries: list[tuple[int, float]] = []
+
+    async def flaky(number: int) -> str:
+        calls.append(trio.current_time())
+        if number < 3:
+            raise TryAgain(f"no {number}", retry_after=10.0 if number == 2 else None)
+        return "yes"
+
+    policy = RetryPolicy(max_attempts=3, base_s=1.0, cap_s=30.0)
+    result = await retry(policy, flaky, on_retry=lambda n, d, _: retries.append((n, d)))
+    assert result == "yes" and [n for n, _ in retries] == [1, 2]
+    assert 0 <= retries[0][1] < 1 and retries[1][1] == 10  # jittered, then Retry-After
+    assert calls[2] - calls[1] == pytest.approx(10)
+
+    async def never(number: int) -> str:
+        raise TryAgain(f"down {number}")
+
+    start = trio.current_time()
+    with pytest.raises(GaveUp) as gave_up:
+        await retry(policy, never, deadline=start + 100)
+    assert gave_up.value.attempts == 3 and gave_up.value.reason == "down 3"
+    with pytest.raises(GaveUp) as gave_up:  # a wait that does not fit the deadline
+        await retry(policy, lambda n: _later(60), deadline=trio.current_time() + 30)
+    assert gave_up.value.attempts == 1 and gave_up.value.reason == "later"
+
+
+async def _later(seconds: float) -> str:
+    raise TryAgain("later", retry_after=seconds)
 
 
 # --- parsing --------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from nurseryd.kinds.migrate.sources.database import (
     DatabaseSource,
     ErrorClass,
     classify_pg_error,
-    reconnect_delay,
+    reconnect_policy,
 )
 from nurseryd.kinds.migrate.tables import ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET
@@ -396,7 +396,11 @@ def test_error_classes() -> None:
     assert classify_pg_error(asyncpg.InvalidCatalogNameError("x")) is ErrorClass.FATAL
     assert classify_pg_error(asyncpg.AdminShutdownError("x")) is ErrorClass.TRANSIENT
     assert classify_pg_error(asyncpg.UndefinedTableError("x")) is ErrorClass.FATAL
-    assert reconnect_delay(1, 1, 10, 0) == 0.5 and reconnect_delay(10, 1, 10, 0.999) < 10
+    config = parse_sources({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"],
+                                  "connect_attempts": 11, "retry_backoff_s": 1,
+                                  "retry_backoff_max_s": 10}}, {})["x"]
+    policy = reconnect_policy(config)
+    assert policy.delay(1, fraction=0) == 0.5 and policy.delay(10, fraction=0.999) < 10
 
 
 @pytest.mark.parametrize(("toml", "key"), [

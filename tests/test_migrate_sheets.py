@@ -17,9 +17,9 @@ from nurseryd.config import ConfigError
 from nurseryd.db import Database
 from nurseryd.kinds.base import JobFailed
 from nurseryd.kinds.migrate.pipeline import run_pipeline
-from nurseryd.kinds.migrate.source_config import parse_google_sheets, sheets_config
+from nurseryd.kinds.migrate.source_config import SheetsConfig, parse_google_sheets, sheets_config
 from nurseryd.kinds.migrate.sources import sheets_api as api
-from nurseryd.kinds.migrate.sources.google_sheets import SheetsSource
+from nurseryd.kinds.migrate.sources.google_sheets import SheetsSource, retry_policy
 from nurseryd.kinds.migrate.tables import ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET
 from tests.daemon_process import make_settings, run_daemon
@@ -307,12 +307,12 @@ def test_backoff_decisions() -> None:
     assert parse_retry_after("7", now) == 7
     assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now) == 30
     assert parse_retry_after("soon", now) is None
-    kwargs = {"max_attempts": 5, "base": 1.0, "cap": 16.0}
-    assert api.retry_delay(1, retry_after=None, fraction=0.5, **kwargs) == 0.5
-    assert api.retry_delay(4, retry_after=None, fraction=0.5, **kwargs) == 4.0
-    assert api.retry_delay(2, retry_after=3, fraction=0.1, **kwargs) == 3  # honoured
-    assert api.retry_delay(2, retry_after=600, fraction=0.1, **kwargs) is None  # over the cap
-    assert api.retry_delay(5, retry_after=None, fraction=0.5, **kwargs) is None  # bounded
+    policy = retry_policy(SheetsConfig(max_attempts=5, backoff_s=1.0, backoff_max_s=16.0))
+    assert policy.delay(1, None, fraction=0.5) == 0.5
+    assert policy.delay(4, None, fraction=0.5) == 4.0
+    assert policy.delay(2, 3, fraction=0.1) == 3  # honoured
+    assert policy.delay(2, 600, fraction=0.1) is None  # over the cap
+    assert policy.delay(5, None, fraction=0.5) is None  # bounded
     assert api.quota_wait([], 0, 60) == 0
     assert api.quota_wait([1.0, 2.0], 10.0, 3) == 0  # under the quota: no wait
     assert api.quota_wait([1.0, 2.0, 3.0], 10.0, 3) == 51.0  # the oldest leaves at 61

@@ -1,8 +1,9 @@
 """HTTP for the fetch: one GET with retries, back-off, a size cap and validators.
 
-Logic and I/O are kept apart the way h11/httpx do it: what a status means, how
-long to wait before a retry and how to read ``Retry-After`` are pure functions
-(tested with plain values); :func:`get_page` only moves bytes and applies them.
+Logic and I/O are kept apart the way h11/httpx do it: what a status means is a
+pure function here, how long to wait before a retry and how to read
+``Retry-After`` are the daemon's one retry policy (:mod:`nurseryd.backoff`), all
+tested with plain values; :func:`get_page` only moves bytes and applies them.
 
 Time budget: the caller runs :func:`get_page` inside the source's cancel scope
 (``trio.move_on_at(deadline)``) and passes the same ``deadline`` so that a retry
@@ -20,12 +21,8 @@ from datetime import UTC, datetime
 from enum import Enum
 
 import httpx
-import trio
 
-from ...backoff import backoff_delay, parse_retry_after
-
-#: 5xx statuses that say "not now" rather than "never" (501 and 505 are permanent).
-_TRANSIENT_5XX_EXCLUDED = {501, 505}
+from ...backoff import GaveUp, RetryPolicy, TryAgain, is_retryable_status, parse_retry_after, retry
 
 
 class StatusClass(Enum):
@@ -41,7 +38,7 @@ def classify_status(status: int) -> StatusClass:
         return StatusClass.OK
     if status == 304:
         return StatusClass.NOT_MODIFIED
-    if status in (408, 429) or (500 <= status < 600 and status not in _TRANSIENT_5XX_EXCLUDED):
+    if is_retryable_status(status):
         return StatusClass.RETRY
     return StatusClass.FAIL
 
@@ -51,37 +48,6 @@ def is_transient_error(error: BaseException) -> bool:
     body we cannot decode is not."""
     return isinstance(error, httpx.NetworkError | httpx.TimeoutException
                       | httpx.RemoteProtocolError)
-
-
-def retry_delay(
-    attempt: int,
-    *,
-    max_attempts: int,
-    retry_after: float | None,
-    base: float,
-    cap: float,
-    remaining: float,
-    fraction: float,
-) -> float | None:
-    """How long to wait before the next attempt, or ``None`` to give up now.
-
-    A server's ``Retry-After`` is honoured as given (not capped: asking sooner is
-    rude and usually refused again); if the wait does not fit in what is left of
-    the source's budget there is no point in sleeping, so give up at once.
-    """
-    if attempt >= max_attempts:
-        return None
-    delay = retry_after if retry_after is not None else backoff_delay(attempt, base, cap, fraction)
-    if delay >= remaining:
-        return None
-    return delay
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 3
-    base: float = 0.5
-    cap: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -145,11 +111,8 @@ async def get_page(
     Redirects are followed by the client (its ``max_redirects`` turns a loop into
     a :class:`FetchError`). Cancellation (the source or job scope) propagates.
     """
-    rng = rng or random.Random()
-    attempt = 0
-    while True:
-        attempt += 1
-        retry_after: float | None = None
+
+    async def attempt(number: int) -> Page:
         try:
             async with client.stream("GET", url, headers=dict(headers)) as response:
                 verdict = classify_status(response.status_code)
@@ -163,34 +126,33 @@ async def get_page(
                         content_type=response.headers.get("content-type"),
                         etag=response.headers.get("etag"),
                         last_modified=response.headers.get("last-modified"),
-                        attempts=attempt,
+                        attempts=number,
                     )
                 failure = FetchError(f"HTTP {response.status_code} from {response.url}",
-                                     status=response.status_code, attempts=attempt)
+                                     status=response.status_code, attempts=number)
                 if verdict is StatusClass.FAIL:
                     raise failure
                 retry_after = parse_retry_after(response.headers.get("retry-after"),
                                                 datetime.now(UTC))
         except _TooLarge as error:
-            raise FetchError(str(error), status=200, attempts=attempt) from None
+            raise FetchError(str(error), status=200, attempts=number) from None
         except httpx.TooManyRedirects:
             raise FetchError(f"too many redirects (a redirect loop?) from {url}",
-                             attempts=attempt) from None
+                             attempts=number) from None
         except httpx.HTTPError as error:
             if not is_transient_error(error):
-                raise FetchError(f"{type(error).__name__}: {error}", attempts=attempt) from None
-            failure = FetchError(f"{type(error).__name__}: {error or 'connection failed'}",
-                                 attempts=attempt)
-        delay = retry_delay(
-            attempt, max_attempts=policy.max_attempts, retry_after=retry_after,
-            base=policy.base, cap=policy.cap, remaining=deadline - trio.current_time(),
-            fraction=rng.random(),
-        )
-        if delay is None:
-            if attempt > 1:
-                failure.args = (f"{failure} (gave up after {attempt} attempts)",)
-            raise failure
-        await trio.sleep(delay)
+                raise FetchError(f"{type(error).__name__}: {error}", attempts=number) from None
+            raise TryAgain(FetchError(f"{type(error).__name__}: {error or 'connection failed'}",
+                                      attempts=number)) from None
+        raise TryAgain(failure, retry_after=retry_after)
+
+    try:
+        return await retry(policy, attempt, deadline=deadline, rng=rng)
+    except GaveUp as gave_up:
+        failure = gave_up.reason
+        if gave_up.attempts > 1:
+            failure.args = (f"{failure} (gave up after {gave_up.attempts} attempts)",)
+        raise failure from None
 
 
 def open_client(*, concurrency: int, user_agent: str, max_redirects: int = 5) -> httpx.AsyncClient:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ import outcome
 import trio
 import trio_asyncio
 
+from ....backoff import GaveUp, RetryPolicy, TryAgain, retry
+from ....db.quoting import quote_ident, quote_qualified
 from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
 from ..source_config import DatabaseSourceConfig, SecretMissing, sqlite_path
 from .base import Header, SourceBatch, SourceError, SourceEvent, Total
@@ -84,17 +85,14 @@ def classify_sqlite_error(error: BaseException) -> ErrorClass:
     return ErrorClass.FATAL
 
 
-def reconnect_delay(attempt: int, base: float, cap: float, fraction: float) -> float:
-    """Exponential back-off with *equal* jitter: in [½, 1) of min(cap, base·2^(attempt-1)).
+def reconnect_policy(config: DatabaseSourceConfig) -> RetryPolicy:
+    """Exponential back-off with *equal* jitter: in [½, 1) of each step.
 
-    Unlike HTTP retries (full jitter, :mod:`nurseryd.backoff`), a reconnect to a
-    database that just refused us should never be immediate.
+    Unlike HTTP retries (full jitter), a reconnect to a database that just
+    refused us should never be immediate.
     """
-    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + fraction / 2)
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    return RetryPolicy(config.connect_attempts, config.retry_backoff_s,
+                       config.retry_backoff_max_s, jitter_floor=0.5)
 
 
 def describe_error(error: BaseException) -> str:
@@ -137,7 +135,7 @@ class Backend:
         config = self.config
         if config.query is not None:
             return f"({config.query})"
-        return ".".join(_q(part) for part in (config.table or "").split("."))
+        return quote_qualified(*(config.table or "").split("."))
 
 
 # ------------------------------------------------------------------- PostgreSQL
@@ -152,7 +150,7 @@ async def _pg_connect(url: str) -> asyncpg.Connection:
 
 async def _pg_attributes(conn: asyncpg.Connection, sql: str) -> list[tuple[str, str]]:
     statement = await conn.prepare(sql)
-    return [(a.name, f"{_q(a.type.schema)}.{_q(a.type.name)}")
+    return [(a.name, quote_qualified(a.type.schema, a.type.name))
             for a in statement.get_attributes()]
 
 
@@ -214,7 +212,7 @@ class PostgresBackend(Backend):
             self._conn(), f"SELECT count(*) FROM {self.base_sql()} AS s"))
 
     def page_sql(self, resuming: bool) -> str:
-        keys = [f"s.{_q(name)}" for name in self.key_names]
+        keys = [f"s.{quote_ident(name)}" for name in self.key_names]
         texts = ", ".join(f"{key}::text" for key in keys)
         where = ""
         if resuming:
@@ -306,7 +304,7 @@ class SqliteBackend(Backend):
         return int(await self._call(lambda conn: conn.execute(sql).fetchone()[0]))
 
     async def page(self, after: list[Any] | None, limit: int) -> Page:
-        keys = [f"s.{_q(name)}" for name in self.key_names]
+        keys = [f"s.{quote_ident(name)}" for name in self.key_names]
         where = ""
         if after is not None:
             where = f" WHERE ({', '.join(keys)}) > ({', '.join('?' * len(keys))})"
@@ -364,9 +362,9 @@ class DatabaseSource:
     async def _attempt(self, backend: Backend, operation: Callable[[], Awaitable[T]]) -> T:
         """Run ``operation`` (connecting first if needed), reconnecting after transient
         errors with back-off; the attempt count restarts after every success."""
-        attempt = 0
-        while True:
-            attempt += 1
+        where = f"source {self.config.name} ({backend.kind})"
+
+        async def attempt(number: int) -> T:
             try:
                 if backend.conn is None:
                     await backend.connect()
@@ -378,23 +376,25 @@ class DatabaseSource:
                 # An error caused by our own cancellation (SQLite's "interrupted") is
                 # not the source's fault: let the cancellation through instead.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                verdict = backend.classify(error)
-                where = f"source {self.config.name} ({backend.kind})"
                 if isinstance(error, trio.TooSlowError):
                     reason = f"no connection within {self.config.connect_timeout_s:g} s"
                 else:
                     reason = describe_error(error)
-                if verdict is ErrorClass.FATAL:
+                if backend.classify(error) is ErrorClass.FATAL:
                     raise SourceError(f"{where}: {reason}") from None
-                if attempt >= self.config.connect_attempts:
-                    raise SourceError(f"{where} unreachable after {attempt} attempts: "
-                                      f"{reason}") from None
-                delay = reconnect_delay(attempt, self.config.retry_backoff_s,
-                                      self.config.retry_backoff_max_s, random.random())
-                log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", where, reason,
-                            delay, attempt + 1, self.config.connect_attempts)
-                self.stats["reconnects"] += 1
-                await self.sleep(delay)
+                raise TryAgain(reason) from None
+
+        def reconnecting(number: int, delay: float, failure: TryAgain) -> None:
+            log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", where, failure.reason,
+                        delay, number + 1, self.config.connect_attempts)
+            self.stats["reconnects"] += 1
+
+        try:
+            return await retry(reconnect_policy(self.config), attempt, on_retry=reconnecting,
+                               sleep=self.sleep)
+        except GaveUp as gave_up:
+            raise SourceError(f"{where} unreachable after {gave_up.attempts} attempts: "
+                              f"{gave_up.reason}") from None
 
     async def run(self, columns: Sequence[ColumnSpec], resume: Any,
                   send: trio.MemorySendChannel[SourceEvent]) -> None:

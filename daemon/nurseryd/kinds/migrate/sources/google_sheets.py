@@ -9,9 +9,10 @@ holds one window.
 Every request runs in its own cancel scope (``request_timeout_s``); httpx's
 own timeouts are off, so one mechanism ends a request and it ends it at once.
 A job cancellation lands in the same ``await`` and closes the socket: no
-request keeps running. 429 and 5xx are retried with exponential back-off and
-jitter, never sooner than ``Retry-After``; 403/404 fail at once with Google's
-message.
+request keeps running. 408, 425, 429 and 5xx (but 501/505), network errors and
+timeouts are retried by the daemon's one retry policy (:mod:`nurseryd.backoff`:
+exponential back-off with full jitter, never sooner than ``Retry-After``);
+403/404 fail at once with Google's message.
 
 Auth: an API key (``key=`` on every request; link-shared sheets) or a service
 account: a JWT signed with the account's private key by ``google-auth`` (the
@@ -26,7 +27,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import trio
 
-from ....backoff import parse_retry_after
+from ....backoff import GaveUp, RetryPolicy, TryAgain, parse_retry_after, retry
 from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
 from ..source_config import SHEETS_SCOPE, SecretMissing, SheetsConfig
 from . import sheets_api as api
@@ -45,6 +45,13 @@ from .base import Header, SourceBatch, SourceError, SourceEvent, Total
 log = logging.getLogger(__name__)
 
 USER_AGENT = "nurseryd-migration/0.1"
+
+
+def retry_policy(config: SheetsConfig) -> RetryPolicy:
+    """Full jitter; a ``Retry-After`` beyond ``backoff_max_s`` fails the job rather
+    than leaving it asleep for as long as Google likes."""
+    return RetryPolicy(config.max_attempts, config.backoff_s, config.backoff_max_s,
+                       max_retry_after_s=config.backoff_max_s)
 
 
 @dataclass
@@ -121,47 +128,44 @@ class SheetsSource:
                     bearer: bool = False) -> httpx.Response:
         """One request with retries; returns a 2xx response or raises SourceError."""
         config = self.config
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def attempt(number: int) -> httpx.Response:
             wait = api.quota_wait(self._sent, trio.current_time(), config.requests_per_minute)
             if wait > 0:
                 self.stats["quota_waits"] = self.stats.get("quota_waits", 0) + 1
                 await self.sleep(wait)
             self._sent.append(trio.current_time())
             self.stats["requests"] += 1
-            retry_after = None
             with trio.move_on_after(config.request_timeout_s) as scope:
                 try:
                     response = await client.request(method, url, params=params,
                                                     headers=headers, data=data)
                 except httpx.TransportError as error:
-                    reason = f"{type(error).__name__}: {error}".rstrip(": ")
-                    verdict = api.Verdict.RETRY
-                else:
-                    verdict = api.classify_status(response.status_code)
-                    if verdict is api.Verdict.OK:
-                        return response
-                    reason = api.google_message(response.status_code, response.content)
-                    retry_after = parse_retry_after(response.headers.get("retry-after"),
-                                                        datetime.now(UTC))
+                    raise TryAgain(f"{type(error).__name__}: {error}".rstrip(": ")) from None
             if scope.cancelled_caught:
-                verdict = api.Verdict.RETRY
-                reason = f"no answer within {config.request_timeout_s:g} s"
-            if verdict is api.Verdict.REAUTH and bearer and attempt == 1:
+                raise TryAgain(f"no answer within {config.request_timeout_s:g} s")
+            verdict = api.classify_status(response.status_code)
+            if verdict is api.Verdict.OK:
+                return response
+            reason = api.google_message(response.status_code, response.content)
+            if verdict is api.Verdict.REAUTH and bearer and number == 1:
                 self._token = None
                 raise _Reauthenticate()
-            if verdict is not api.Verdict.RETRY:
-                raise SourceError(f"Google Sheets {what} failed: {reason}")
-            delay = api.retry_delay(attempt, max_attempts=config.max_attempts,
-                                    retry_after=retry_after, base=config.backoff_s,
-                                    cap=config.backoff_max_s, fraction=random.random())
-            if delay is None:
-                raise SourceError(f"Google Sheets {what} failed after {attempt} attempts: "
-                                  f"{reason}")
-            log.info("Google Sheets %s: %s; retrying in %.2f s", what, reason, delay)
+            if verdict is api.Verdict.RETRY:
+                raise TryAgain(reason, retry_after=parse_retry_after(
+                    response.headers.get("retry-after"), datetime.now(UTC)))
+            raise SourceError(f"Google Sheets {what} failed: {reason}")
+
+        def retrying(number: int, delay: float, failure: TryAgain) -> None:
+            log.info("Google Sheets %s: %s; retrying in %.2f s", what, failure.reason, delay)
             self.stats["retries"] += 1
-            await self.sleep(delay)
+
+        try:
+            return await retry(retry_policy(config), attempt, on_retry=retrying,
+                               sleep=self.sleep)
+        except GaveUp as gave_up:
+            raise SourceError(f"Google Sheets {what} failed after {gave_up.attempts} attempts: "
+                              f"{gave_up.reason}") from None
 
     async def _get_json(self, client: httpx.AsyncClient, path: str, params: dict[str, str],
                         what: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""Google Sheets API v4 without I/O: ranges, response bodies, errors, back-off, JWT claims.
+"""Google Sheets API v4 without I/O: ranges, response bodies, errors, quota, JWT claims.
 
 Kept apart from the source (which only moves bytes) so every decision is tested
 with plain values: which A1 range a window asks for, how a ragged ``ValueRange``
-becomes rows, what a status means, how long to wait.
+becomes rows, what a status means, how long the quota makes us wait. How long
+to back off after a failure is the daemon's one retry policy
+(:mod:`nurseryd.backoff`).
 
 Facts this relies on (Sheets API v4 reference):
 - ``spreadsheets.get`` returns ``sheets[].properties.gridProperties.rowCount /
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 from urllib.parse import quote
+
+from ....backoff import is_retryable_status
 
 JWT_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 VALUE_PARAMS = {"majorDimension": "ROWS", "valueRenderOption": "UNFORMATTED_VALUE",
@@ -167,7 +171,7 @@ def classify_status(status: int) -> Verdict:
         return Verdict.OK
     if status == 401:
         return Verdict.REAUTH
-    if status in (408, 429) or (500 <= status < 600 and status not in (501, 505)):
+    if is_retryable_status(status):
         return Verdict.RETRY
     return Verdict.FAIL
 
@@ -187,25 +191,6 @@ def google_message(status: int, body: bytes) -> str:
             return f"HTTP {status}: {error}: {document.get('error_description', '')}".rstrip(": ")
     text = body[:200].decode("utf-8", "replace").strip()
     return f"HTTP {status}" + (f": {text}" if text else "")
-
-
-def retry_delay(attempt: int, *, max_attempts: int, retry_after: float | None, base: float,
-                cap: float, fraction: float) -> float | None:
-    """Seconds before attempt ``attempt + 1``, or ``None`` to give up.
-
-    Exponential with full jitter (``fraction`` in [0, 1) is the random draw,
-    passed in to keep this pure), never below what ``Retry-After`` asks; the
-    server's wait is honoured up to ``cap`` and the job fails rather than
-    sleeping longer.
-    """
-    if attempt >= max_attempts:
-        return None
-    delay = fraction * min(cap, base * 2 ** (attempt - 1))
-    if retry_after is not None:
-        if retry_after > cap:
-            return None
-        delay = max(delay, retry_after)
-    return delay
 
 
 def quota_wait(recent: Sequence[float], now: float, per_minute: int) -> float:
