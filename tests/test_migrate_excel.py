@@ -280,3 +280,36 @@ async def test_reader_follows_the_memory_budget(db: Database, tmp_path: Path) ->
     ctx, result = await migrate(db, path, settings=tight)
     assert result["reader"] == "openpyxl" and ctx.counters["processed"] == 1000
     assert result["unchanged"] == 1000  # the same values through the other reader
+
+
+def test_the_parser_child_stays_light() -> None:
+    """The child imports the sources' shared emitter and batch type but no event loop:
+    its start-up is on the critical path of every import (trio alone costs ~0.15 s)."""
+    import subprocess
+    import sys
+
+    from nurseryd.kinds.migrate.sources.excel import child_env
+
+    code = ("import sys, nurseryd.kinds.migrate.sources.excel_child\n"
+            "print(sorted(m for m in ('trio', 'asyncpg', 'httpx', 'quart') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-s", "-c", code], env=child_env(),
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_batch_crosses_the_pipe_as_itself() -> None:
+    """The child's frames carry the one SourceBatch type: what goes in comes out."""
+    from nurseryd.kinds.migrate.coerce import RejectRecord
+    from nurseryd.kinds.migrate.sources import framing
+    from nurseryd.kinds.migrate.sources.base import SourceBatch
+
+    batch = SourceBatch(b"1\tx\n2\ty\n", 2, 3, [RejectRecord(4, "chat_id", "not a number",
+                                                            {"chat_id": "z"})], 4)
+    head, *rest = framing.encode_batch(batch)
+    kind, length = framing.decode_head(head)
+    body = b"".join(rest)
+    assert kind == framing.BATCH and length == len(body)
+    again = framing.decode_batch(body)
+    assert bytes(again.payload) == batch.payload
+    assert (again.written, again.rows_seen, again.rejects, again.position) == \
+        (batch.written, batch.rows_seen, batch.rejects, batch.position)

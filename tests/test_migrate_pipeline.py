@@ -20,6 +20,7 @@ from nurseryd.kinds.migrate.sources.base import ListSource
 from nurseryd.kinds.migrate.tables import TargetMismatch, ensure_target_table
 from nurseryd.kinds.migrate.targets import CHATS_TARGET, Target
 from tests.job_context import RecordingContext
+from tests.source_dbs import StopAfter
 from tests.xlsx_factory import CHATS_HEADER, chat_row
 
 
@@ -114,8 +115,9 @@ async def test_resume_from_checkpoint_applies_each_row_once(db: Database) -> Non
     rows[200][12] = "bad bool"  # and one after
     job = await new_job(db)
     first = LocalContext(db, job)
-    with pytest.raises(JobFailed):  # interruption point: the source stops mid-way
-        source = ListSource(CHATS_HEADER, rows, batch_rows=50, stop_after_batches=3)
+    # Interruption point: the source breaks off after its third batch, as a crash would.
+    with pytest.raises(JobFailed, match="interrupted after 3 batches"):
+        source = StopAfter(ListSource(CHATS_HEADER, rows, batch_rows=50), 3)
         await run_pipeline(first, source, CHATS_TARGET)
     checkpoint = await committed_checkpoint(db, job)
     assert checkpoint["position"] == 149 and checkpoint["processed"] == 149
@@ -187,8 +189,7 @@ def _batch(rows: list[list[Any]], first_row: int, position: int):
 
     coerced = RowCoercer(match_header(CHATS_HEADER, CHATS_TARGET.columns)).coerce_rows(
         [(first_row + i, row) for i, row in enumerate(rows)])
-    return SourceBatch(coerced.copy_bytes(), coerced.written, coerced.rows_seen,
-                       coerced.rejects, position)
+    return SourceBatch.of(coerced, position)
 
 
 async def test_merged_batches_with_a_key_in_both_and_direct_copy_fallback(db: Database) -> None:

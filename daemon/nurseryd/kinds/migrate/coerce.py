@@ -795,10 +795,3 @@ class RowCoercer:
         batch.written = len(good)
         batch.payload = "\n".join(map("\t".join, good)) + "\n" if good else ""
         return batch
-
-
-class _RowError(Exception):
-    def __init__(self, column: str, reason: str) -> None:
-        super().__init__(reason)
-        self.column = column
-        self.reason = reason

@@ -40,9 +40,9 @@ import trio_asyncio
 
 from ....backoff import GaveUp, RetryPolicy, TryAgain, retry
 from ....db.quoting import quote_ident, quote_qualified
-from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
+from ..coerce import ColumnSpec
 from ..source_config import DatabaseSourceConfig, SecretMissing, sqlite_path
-from .base import Header, SourceBatch, SourceError, SourceEvent, Total
+from .base import Emitter, SourceError, SourceEvent
 
 log = logging.getLogger(__name__)
 
@@ -407,15 +407,10 @@ class DatabaseSource:
     async def _stream(self, backend: Backend, columns: Sequence[ColumnSpec], resume: Any,
                       send: trio.MemorySendChannel[SourceEvent]) -> None:
         names = await self._attempt(backend, backend.columns)
-        try:
-            match = match_header(names, columns)
-        except HeaderError as error:
-            raise SourceError(f"source {self.config.name}: {error}") from None
-        await send.send(Header(tuple(c.name for c in match.columns), match.ignored))
-        total = await self._attempt(backend, backend.count)
-        await send.send(Total(total))
+        emit = Emitter(columns, send, where=f"source {self.config.name}")
+        await emit.send_header(names)
+        await emit.send_total(await self._attempt(backend, backend.count))
         after, done = _resume_point(resume)
-        coercer = RowCoercer(match)
         limit = self.config.batch_rows
         while True:
             page = await self._attempt(backend, functools.partial(backend.page, after, limit))
@@ -429,14 +424,11 @@ class DatabaseSource:
                                   "non-null keys")
             self.stats["pages"] += 1
             numbered = [(done + index, row) for index, row in enumerate(page.rows, 1)]
-            # Coercion is CPU work: a worker thread keeps the event loop (HTTP, the
-            # loader's COPY) responsive while it runs. A page ahead was measured
-            # too: no gain (the GIL), a third more memory.
-            batch = await trio.to_thread.run_sync(coercer.coerce_rows, numbered)
             done += len(page.rows)
             after = page.last_key
-            await send.send(SourceBatch(batch.copy_bytes(), batch.written, batch.rows_seen,
-                                        batch.rejects, {"after": after, "rows": done}))
+            # Coerced in a worker thread (the emitter's default). A page ahead was
+            # measured too: no gain (the GIL), a third more memory.
+            await emit.send_rows(numbered, {"after": after, "rows": done})
             if len(page.rows) < limit:
                 return
 

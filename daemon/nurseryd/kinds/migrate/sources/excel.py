@@ -1,8 +1,10 @@
 """The Excel source: owns the parser child process and relays its frames.
 
 The child (:mod:`.excel_child`) does everything that touches the untrusted file
-(zip and dimension checks, parsing, coercion) under memory and CPU limits and
-sends ready COPY text. This side only reads frames and passes them on, so the
+(zip and dimension checks, parsing, coercion with the sources' one
+:class:`~.base.Emitter`) under memory and CPU limits and sends ready COPY text.
+This side only reads frames and passes the events on (a batch frame decodes to
+the one :class:`~.base.SourceBatch`, its COPY text a view, never parsed), so the
 daemon's event loop spends almost nothing per row.
 
 Cancellation: the child runs under ``trio.run_process`` in this task's nursery
@@ -29,7 +31,7 @@ import trio
 from ..coerce import ColumnSpec
 from ..targets import MigrationSettings
 from . import framing
-from .base import Header, SourceBatch, SourceError, SourceEvent, Total
+from .base import Header, SourceError, SourceEvent, Total
 
 CHILD_MODULE = "nurseryd.kinds.migrate.sources.excel_child"
 READ_SIZE = 1024 * 1024
@@ -152,11 +154,7 @@ class ExcelSource:
     async def _handle(self, kind: bytes, body: bytes,
                       send: trio.MemorySendChannel[SourceEvent], state: _RunState) -> None:
         if kind == framing.BATCH:
-            meta, payload = framing.decode_batch(body)
-            await send.send(SourceBatch(payload=payload, written=int(meta["written"]),
-                                        rows_seen=int(meta["rows_seen"]),
-                                        rejects=list(meta["rejects"]),
-                                        position=int(meta["last_row"])))
+            await send.send(framing.decode_batch(body))
             return
         value = json.loads(body)
         if kind == framing.INFO:

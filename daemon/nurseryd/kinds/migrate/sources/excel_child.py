@@ -10,8 +10,9 @@ the GIL).
 
 Input: one JSON object on stdin (path, sheet, target columns, caps, resume
 position...). Output: frames on stdout (see :mod:`.framing`): info, header,
-total, batches of COPY text with their rejects and position, then done or
-error. Backpressure is the pipe: when the daemon is busy, ``write`` blocks.
+total, batches (the same :class:`~.base.SourceBatch` every source emits, built
+by the same :class:`~.base.Emitter`), then done or error. Backpressure is the
+pipe: when the daemon is busy, ``write`` blocks.
 
 Kept light on imports (no trio, no asyncpg): start-up time is on the critical
 path of every import.
@@ -28,9 +29,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
+from ..coerce import ColumnSpec
 from ..xlsx_checks import ParseCaps, WorkbookInfo, WorkbookRejected, inspect_workbook
 from . import framing
+from .base import Emitter, SourceError
 
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1024 * 1024
@@ -140,12 +142,12 @@ def run(spec: dict[str, Any], out: Output) -> None:
             break
     if not header_row:
         raise WorkbookRejected(f"sheet {info.sheet_name!r} is empty: no header row found")
-    match = match_header(header, columns)
-    out.send(framing.HEADER, {"columns": [column.name for column in match.columns],
-                              "ignored": list(match.ignored), "header_row": header_row})
+    emit = Emitter(columns)
+    matched = emit.match(header, date1904=info.date1904)
+    out.send(framing.HEADER, {"columns": list(matched.columns),
+                              "ignored": list(matched.ignored), "header_row": header_row})
     if last_row is not None:
         out.send(framing.TOTAL, {"total": max(last_row - header_row, 0)})
-    coercer = RowCoercer(match, date1904=info.date1904)
     max_row = header_row + caps.max_rows
     last_seen = max(header_row, start_after)
     parent = os.getppid()
@@ -161,10 +163,8 @@ def run(spec: dict[str, Any], out: Output) -> None:
             pending = [item for item in pending if item[0] > start_after]
             if not pending:
                 continue
-        batch = coercer.coerce_rows(pending)
-        meta = {"last_row": last_seen, "rows_seen": batch.rows_seen, "written": batch.written,
-                "rejects": [[r.row_number, r.column, r.reason, r.raw] for r in batch.rejects]}
-        out.write(*framing.encode_batch(meta, batch.copy_bytes()))
+        batch = emit.batch(pending, last_seen)
+        out.write(*framing.encode_batch(batch))
         del pending, batch
     out.send(framing.DONE, {"last_row": last_seen})
 
@@ -191,9 +191,8 @@ def main() -> int:
     try:
         set_limits(int(spec["memory_bytes"]), float(spec.get("cpu_seconds", 0)))
         run(spec, out)
-    except HeaderError as error:
-        out.send(framing.ERROR, {"kind": "header", "reason": str(error),
-                                 "missing": error.missing})
+    except SourceError as error:  # the header does not fit the target
+        out.send(framing.ERROR, {"kind": "header", "reason": str(error)})
     except WorkbookRejected as error:
         out.send(framing.ERROR, {"kind": "rejected", "reason": str(error)})
     except MemoryError:

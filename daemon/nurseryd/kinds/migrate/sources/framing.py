@@ -1,8 +1,9 @@
 """The wire format between the Excel parser child and the daemon.
 
 Each frame is ``kind (1 byte) | length (4 bytes, big endian) | body``. Control
-frames carry JSON; a batch frame carries a JSON meta block followed by the COPY
-text of its rows, so the daemon forwards row data to PostgreSQL without
+frames carry JSON; a batch frame carries a :class:`~.base.SourceBatch`, the one
+batch type: a JSON meta block (its counts, rejects and position) followed by the
+COPY text of its rows, so the daemon forwards row data to PostgreSQL without
 decoding it (and never unpickles anything a parser of hostile files produced).
 """
 
@@ -12,10 +13,13 @@ import json
 import struct
 from typing import Any
 
+from ..coerce import RejectRecord
+from .base import SourceBatch
+
 INFO = b"I"  # {"reader", "sheet", "estimated_rows", "date1904"}
 HEADER = b"H"  # {"columns": [...], "ignored": [...], "header_row": n}
 TOTAL = b"T"  # {"total": data rows expected}
-BATCH = b"B"  # meta {"last_row", "rows_seen", "written", "rejects": [...]} + payload
+BATCH = b"B"  # a SourceBatch: meta {"position", "rows_seen", "written", "rejects"} + payload
 ERROR = b"E"  # {"reason", "kind"}
 DONE = b"D"  # {"last_row"}
 
@@ -31,11 +35,14 @@ def encode(kind: bytes, value: Any) -> bytes:
     return _HEAD.pack(kind, len(body)) + body
 
 
-def encode_batch(meta: dict[str, Any], payload: bytes) -> list[bytes]:
+def encode_batch(batch: SourceBatch) -> list[bytes]:
     """A batch frame as pieces (written with one writev-like loop, no big concat)."""
+    meta = {"position": batch.position, "rows_seen": batch.rows_seen, "written": batch.written,
+            "rejects": [[r.row_number, r.column, r.reason, r.raw] for r in batch.rejects]}
     meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    payload = batch.payload
     length = _META.size + len(meta_bytes) + len(payload)
-    return [_HEAD.pack(BATCH, length), _META.pack(len(meta_bytes)), meta_bytes, payload]
+    return [_HEAD.pack(BATCH, length), _META.pack(len(meta_bytes)), meta_bytes, bytes(payload)]
 
 
 def decode_head(data: bytes | bytearray) -> tuple[bytes, int]:
@@ -45,8 +52,13 @@ def decode_head(data: bytes | bytearray) -> tuple[bytes, int]:
     return kind, length
 
 
-def decode_batch(body: bytes | bytearray | memoryview) -> tuple[dict[str, Any], memoryview]:
+def decode_batch(body: bytes | bytearray | memoryview) -> SourceBatch:
+    """The batch a frame body carries; its COPY text is a view into ``body``, not a copy."""
     view = memoryview(body)
     (meta_length,) = _META.unpack(bytes(view[:_META.size]))
     meta = json.loads(bytes(view[_META.size:_META.size + meta_length]))
-    return meta, view[_META.size + meta_length:]
+    rejects = [RejectRecord(int(number), column, str(reason), raw if isinstance(raw, dict) else {})
+               for number, column, reason, raw in meta["rejects"]]
+    return SourceBatch(payload=view[_META.size + meta_length:], written=int(meta["written"]),
+                       rows_seen=int(meta["rows_seen"]), rejects=rejects,
+                       position=meta["position"])

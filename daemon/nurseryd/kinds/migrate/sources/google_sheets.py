@@ -37,10 +37,10 @@ import httpx
 import trio
 
 from ....backoff import GaveUp, RetryPolicy, TryAgain, parse_retry_after, retry
-from ..coerce import ColumnSpec, HeaderError, RowCoercer, match_header
+from ..coerce import ColumnSpec
 from ..source_config import SHEETS_SCOPE, SecretMissing, SheetsConfig
 from . import sheets_api as api
-from .base import Header, SourceBatch, SourceError, SourceEvent, Total
+from .base import Emitter, SourceError, SourceEvent
 
 log = logging.getLogger(__name__)
 
@@ -216,16 +216,11 @@ class SheetsSource:
             client, api.values_path(self.spreadsheet_id, api.window_range(
                 grid.title, 1, 1, first_column, last_column)), api.VALUE_PARAMS, "values.get")
         header_rows = self._rows(header_body, 1)
-        header = header_rows[0] if header_rows else []
-        try:
-            match = match_header(header, columns)
-        except HeaderError as error:
-            raise SourceError(f"sheet {grid.title!r}: {error}") from None
-        await send.send(Header(tuple(c.name for c in match.columns), match.ignored))
+        emit = Emitter(columns, send, where=f"sheet {grid.title!r}")
+        await emit.send_header(header_rows[0] if header_rows else [])
         # The grid counts empty rows at the end too: an estimate until the end,
         # when the pipeline replaces it with the exact number.
-        await send.send(Total(max(grid.rows - 1, 0)))
-        coercer = RowCoercer(match)
+        await emit.send_total(max(grid.rows - 1, 0))
         done = int(resume["row"]) if isinstance(resume, dict) and "row" in resume else 1
         window = self.config.window_rows
         while done < grid.rows:
@@ -236,11 +231,9 @@ class SheetsSource:
                 api.VALUE_PARAMS, "values.get")
             rows = self._rows(body, last - first + 1)
             self.stats["windows"] += 1
-            numbered = [(first + index, row) for index, row in enumerate(rows)]
-            batch = await trio.to_thread.run_sync(coercer.coerce_rows, numbered)
             done = last
-            await send.send(SourceBatch(batch.copy_bytes(), batch.written, batch.rows_seen,
-                                        batch.rejects, {"row": done}))
+            await emit.send_rows([(first + index, row) for index, row in enumerate(rows)],
+                                 {"row": done})
 
     @staticmethod
     def _rows(body: Mapping[str, Any], expected: int) -> list[list[Any]]:
