@@ -15,7 +15,9 @@ import trio
 from nurseryd.backoff import parse_retry_after
 from nurseryd.config import ConfigError
 from nurseryd.db import Database
-from nurseryd.kinds.base import JobFailed
+from nurseryd.kinds.base import JobFailed, ParamError
+from nurseryd.kinds.migrate import MIGRATION_KIND
+from nurseryd.kinds.migrate.external_sources import SheetsImportParams
 from nurseryd.kinds.migrate.pipeline import run_pipeline
 from nurseryd.kinds.migrate.source_config import SheetsConfig, parse_google_sheets, sheets_config
 from nurseryd.kinds.migrate.sources import sheets_api as api
@@ -367,6 +369,59 @@ async def test_http_google_sheets_import(database_url: str, state_dir: Path) -> 
             extra = await post("/migration/google-sheets", json={
                 "spreadsheet_id": SHEET_ID, "api_key": "mine"})
             assert extra.status_code == 422 and extra.json()["field"] == "api_key"
+
+
+async def test_http_handler_and_kind_agree_on_the_range(database_url: str,
+                                                      state_dir: Path) -> None:
+    """One parse for the range: the handler used to parse it while the kind only
+    measured it, so each let through values the other refused. Now a range is
+    refused over HTTP exactly when the kind refuses it, for the same reason."""
+    refused = [
+        "Chats!A1:B2",  # rows in the range: the old kind took it, the handler did not
+        "   ",  # blank: likewise
+        "S" * 250,  # a long sheet name: the old handler took it, the kind did not
+    ]
+    async with sheets_server() as server:
+        server.spreadsheets[SHEET_ID] = [make_sheet(3, title="Bob's")]
+        settings = settings_with(make_settings(database_url, state_dir), f"""
+            [google_sheets]
+            api_base = "{server.base_url}"
+            api_key = "test-key"
+        """)
+        async with run_daemon(settings) as daemon:
+            for sheet_range in refused:
+                params = {"source_type": "google_sheets", "spreadsheet_id": SHEET_ID,
+                          "range": sheet_range, "target": "chats"}
+                with pytest.raises(ParamError) as by_kind:
+                    MIGRATION_KIND.parse_params(params)
+                response = await daemon.client.post("/migration/google-sheets", json={
+                    "spreadsheet_id": SHEET_ID, "range": sheet_range})
+                assert response.status_code == 422, sheet_range
+                assert response.json()["invalid_params"] == [
+                    {"name": "range", "reason": by_kind.value.message}]
+            assert await daemon.services.db.fetchval("SELECT count(*) FROM jobs") == 0
+
+            accepted = "'Bob''s'!A:M"
+            params = {"source_type": "google_sheets", "spreadsheet_id": SHEET_ID,
+                      "range": accepted, "target": "chats"}
+            assert MIGRATION_KIND.parse_params(params) == params
+            response = await daemon.client.post("/migration/google-sheets", json={
+                "spreadsheet_id": SHEET_ID, "range": accepted})
+            assert response.status_code == 202, response.text
+            job = response.json()
+            assert job["params"] == params
+            await daemon.wait_for_status(job["id"], "completed", "failed")
+            done = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
+            assert done["status"] == "completed" and done["processed"] == 3, done
+
+
+def test_sheets_params_round_trip_through_their_json() -> None:
+    params = SheetsImportParams.parse({"spreadsheet_id": SHEET_ID, "target": "chats"})
+    assert params.range is None and params.to_json()["source_type"] == "google_sheets"
+    assert SheetsImportParams.parse(params.to_json()) == params
+    with pytest.raises(ParamError) as other_type:
+        SheetsImportParams.parse({**params.to_json(), "source_type": "database"})
+    assert other_type.value.field == "source_type"
 
 
 async def test_http_google_sheets_unconfigured_is_409(database_url: str,

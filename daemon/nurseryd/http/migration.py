@@ -13,6 +13,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
+from ..kinds.migrate.job import ExcelImportParams
 from ..kinds.migrate.targets import configured_targets, migration_settings
 from ..kinds.migrate.uploads_dir import new_upload_paths
 from ..kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
@@ -58,9 +59,10 @@ async def upload_excel() -> Response:
             raise Problem(error.status, error.detail, field="file", received=error.received,
                           filename=upload.filename) from None
         await trio.to_thread.run_sync(part_path.rename, final_path)
-        params = {"source_type": "excel", "upload": final_path.name, "target": target,
-                  "sheet": sheet, "filename": upload.filename, "bytes": upload.size}
-        job = await services.supervisor.submit("migration", params)
+        params = ExcelImportParams.parse({
+            "upload": final_path.name, "target": target, "sheet": sheet,
+            "filename": upload.filename, "bytes": upload.size})
+        job = await services.supervisor.submit("migration", params.to_json())
     except BaseException:
         discard(part_path, final_path)
         raise

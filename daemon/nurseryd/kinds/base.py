@@ -14,9 +14,9 @@ stays committed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from ..errors import JobFailed, ParamError  # noqa: F401  (kinds import them from here)
 
@@ -74,6 +74,42 @@ class JobContext(Protocol):
 
 RunFn = Callable[[JobContext], Awaitable[None]]
 ParseFn = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+class Params(Protocol):
+    """A kind's parameters, typed: one parse, so every rule about them exists once.
+
+    A kind defines a frozen dataclass with these two methods. Its
+    :attr:`JobKind.parse_params` is :func:`parser` of it (the supervisor checks a
+    submission and stores ``to_json()``), its ``run`` reads ``parse(ctx.params)``,
+    and an HTTP handler that builds the params goes through the same ``parse``.
+    """
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> Self:
+        """Check ``params``; raises :class:`~nurseryd.errors.ParamError` naming the field."""
+        ...
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON stored in the job's row (what ``parse`` reads back)."""
+        ...
+
+
+def parser(params_type: type[Params]) -> ParseFn:
+    """The :attr:`JobKind.parse_params` of a :class:`Params` type."""
+
+    def parse_params(params: Mapping[str, Any]) -> dict[str, Any]:
+        return params_type.parse(params).to_json()
+
+    parse_params.__doc__ = f"``{params_type.__name__}.parse(params).to_json()``"
+    return parse_params
+
+
+def refuse_unknown(params: Mapping[str, Any], allowed: Iterable[str], hint: str) -> None:
+    """Raise :class:`ParamError` for the first (sorted) name not in ``allowed``."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ParamError(unknown[0], f"unknown parameter; {hint}")
 
 
 def no_params(params: Mapping[str, Any]) -> dict[str, Any]:

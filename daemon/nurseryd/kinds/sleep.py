@@ -5,34 +5,46 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from .base import JobContext, JobKind, ParamError
+from .base import JobContext, JobKind, ParamError, parser, refuse_unknown
 
 #: Upper bound for ``seconds``: a week. Longer is almost certainly a typo.
 MAX_SLEEP_S = 7 * 86400
 
 
-def parse_sleep_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = set(params) - {"seconds"}
-    if unknown:
-        raise ParamError(sorted(unknown)[0], "unknown parameter; sleep takes only 'seconds'")
-    if "seconds" not in params:
-        raise ParamError("seconds", "required: how long to sleep, e.g. {\"seconds\": 30}")
-    seconds = params["seconds"]
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise ParamError("seconds", f"expected a number, got {seconds!r}")
-    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLEEP_S:
-        raise ParamError("seconds", f"must be between 0 and {MAX_SLEEP_S}")
-    return {"seconds": seconds}
+@dataclass(frozen=True)
+class SleepParams:
+    """``{"seconds": n}``: how long to sleep (``sleep`` and ``sql_sleep``)."""
+
+    seconds: float
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> SleepParams:
+        refuse_unknown(params, {"seconds"}, "sleep takes only 'seconds'")
+        if "seconds" not in params:
+            raise ParamError("seconds", "required: how long to sleep, e.g. {\"seconds\": 30}")
+        seconds = params["seconds"]
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise ParamError("seconds", f"expected a number, got {seconds!r}")
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLEEP_S:
+            raise ParamError("seconds", f"must be between 0 and {MAX_SLEEP_S}")
+        return cls(seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seconds": self.seconds}  # as given: 30 stays 30, not 30.0
+
+
+parse_sleep_params = parser(SleepParams)
 
 
 async def run_sleep(ctx: JobContext) -> None:
     """Sleep in one-second steps, reporting progress each second, resuming from the
     checkpoint after an interruption (so operators can watch resume work too)."""
-    seconds = float(ctx.params["seconds"])
+    seconds = float(SleepParams.parse(ctx.params).seconds)
     steps = math.ceil(seconds)
     done = int(ctx.checkpoint or 0)
     ctx.report(total=steps, processed=done)
@@ -50,7 +62,7 @@ async def run_sql_sleep(ctx: JobContext) -> None:
     """One long statement on the server: shows that cancelling a job cancels its
     query on the server too (nothing left in ``pg_stat_activity``)."""
     ctx.report(total=1, processed=0)
-    await ctx.db.execute("SELECT pg_sleep($1)", float(ctx.params["seconds"]))
+    await ctx.db.execute("SELECT pg_sleep($1)", float(SleepParams.parse(ctx.params).seconds))
     ctx.report(processed=1)
 
 

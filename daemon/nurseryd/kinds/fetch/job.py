@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import trio
 
-from ..base import JobContext, JobFailed, ParamError
+from ..base import JobContext, JobFailed, ParamError, parser, refuse_unknown
 from .client import FetchError, RetryPolicy, get_page, open_client
 from .config import FetchConfig, SourceConfig
 from .parse import MAX_NOTES, ParseError, parse_page
@@ -36,16 +36,26 @@ TRIGGERS = ("api", "schedule")
 STATE_WRITE_GRACE_S = 2.0
 
 
-def parse_fetch_params(params: Mapping[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FetchParams:
     """A fetch takes no URLs, only who asked for it (shown in job listings)."""
-    for name in params:
-        if name != "trigger":
-            raise ParamError(name, "unknown parameter; a fetch takes only 'trigger' "
-                             "(sources are configured in the [fetch] section of the config file)")
-    trigger = params.get("trigger", "api")
-    if trigger not in TRIGGERS:
-        raise ParamError("trigger", f"expected one of {', '.join(TRIGGERS)}, got {trigger!r}")
-    return {"trigger": trigger}
+
+    trigger: str = "api"
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> FetchParams:
+        refuse_unknown(params, {"trigger"}, "a fetch takes only 'trigger' (sources are "
+                       "configured in the [fetch] section of the config file)")
+        trigger = params.get("trigger", "api")
+        if trigger not in TRIGGERS:
+            raise ParamError("trigger", f"expected one of {', '.join(TRIGGERS)}, got {trigger!r}")
+        return cls(trigger)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trigger": self.trigger}
+
+
+parse_fetch_params = parser(FetchParams)
 
 
 @dataclass
@@ -245,10 +255,13 @@ class FetchRun:
 
 async def run_fetch(ctx: JobContext) -> None:
     """The ``fetch`` kind's run function."""
+    params = FetchParams.parse(ctx.params)
     config: FetchConfig | None = ctx.settings.section("fetch")
     if config is None or not config.sources:
         raise JobFailed("no fetch sources are configured: add [[fetch.sources]] to the "
                         "config file")
+    log.debug("fetch job %d (trigger %s): %d sources", ctx.job_id, params.trigger,
+              len(config.sources))
     outcomes = {source.name: SourceOutcome(source.name) for source in config.sources}
     progress = Progress(ctx, outcomes)
     ctx.set_result(build_result(outcomes))

@@ -1,15 +1,28 @@
-"""The ``migration`` job kind: pick the source and target, run the pipeline, clean up."""
+"""The ``migration`` job kind: pick the source and target, run the pipeline, clean up.
+
+Its params are one of three typed records, chosen by ``source_type``:
+:class:`ExcelImportParams` here, :class:`~.external_sources.DatabaseImportParams`
+and :class:`~.external_sources.SheetsImportParams`. The HTTP handlers that start
+imports build them with the same ``parse``.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..base import JobContext, JobFailed, ParamError
 from .external_sources import SOURCE_TYPES as EXTERNAL_SOURCE_TYPES
-from .external_sources import build_source, parse_external_params
+from .external_sources import (
+    DatabaseImportParams,
+    SheetsImportParams,
+    build_source,
+    check_names,
+    parse_target,
+)
 from .pipeline import run_pipeline
 from .sources.base import Source
 from .sources.excel import ExcelSource
@@ -21,52 +34,84 @@ log = logging.getLogger(__name__)
 SOURCE_TYPES = ("excel", *EXTERNAL_SOURCE_TYPES)
 
 
-def parse_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params are built by our own endpoints; still validated (they are stored JSON)."""
-    if params.get("source_type") in EXTERNAL_SOURCE_TYPES:
-        return parse_external_params(params)
-    allowed = {"source_type", "upload", "target", "sheet", "filename", "bytes"}
-    for name in params:
-        if name not in allowed:
-            raise ParamError(name, f"unknown parameter; allowed: {', '.join(sorted(allowed))}")
-    source_type = params.get("source_type")
-    if source_type not in SOURCE_TYPES:
-        raise ParamError("source_type", f"expected one of {', '.join(SOURCE_TYPES)}")
-    target = params.get("target")
-    if not isinstance(target, str) or not target:
-        raise ParamError("target", "expected a target name")
-    upload = params.get("upload")
-    if source_type == "excel":
+@dataclass(frozen=True)
+class ExcelImportParams:
+    """Import an uploaded workbook (``POST /migration/excel`` stores it first)."""
+
+    #: The stored file's name in the uploads directory (random, never the client's).
+    upload: str
+    target: str
+    sheet: str | None = None
+    #: The client's name for the file and its size: for display only.
+    filename: str | None = None
+    size: int | None = None
+    source_type: ClassVar[str] = "excel"
+    FIELDS: ClassVar[tuple[str, ...]] = ("upload", "target", "sheet", "filename", "bytes")
+
+    @classmethod
+    def parse(cls, params: Mapping[str, Any]) -> ExcelImportParams:
+        check_names(params, cls.source_type, cls.FIELDS)
+        target = parse_target(params)
+        upload = params.get("upload")
         if not isinstance(upload, str):
             raise ParamError("upload", "expected the stored upload's name")
         try:
             upload_path(Path("."), upload)
         except ValueError as error:
             raise ParamError("upload", str(error)) from None
-    sheet = params.get("sheet")
-    if sheet is not None and not isinstance(sheet, str):
-        raise ParamError("sheet", "expected a sheet name")
-    return dict(params)
+        sheet = params.get("sheet")
+        if sheet is not None and not isinstance(sheet, str):
+            raise ParamError("sheet", "expected a sheet name")
+        filename = params.get("filename")
+        if filename is not None and not isinstance(filename, str):
+            raise ParamError("filename", "expected the uploaded file's name")
+        size = params.get("bytes")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                                 or size < 0):
+            raise ParamError("bytes", "expected the upload's size in bytes")
+        return cls(upload, target, sheet, filename, size)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source_type": self.source_type, "upload": self.upload, "target": self.target,
+                "sheet": self.sheet, "filename": self.filename, "bytes": self.size}
 
 
-def _source(ctx: JobContext) -> tuple[Source, Path | None]:
-    if (external := build_source(ctx)) is not None:
-        return external, None
+MigrationParams = ExcelImportParams | DatabaseImportParams | SheetsImportParams
+PARAMS_BY_SOURCE_TYPE: dict[str, type[MigrationParams]] = {
+    "excel": ExcelImportParams, "database": DatabaseImportParams,
+    "google_sheets": SheetsImportParams,
+}
+
+
+def parse_migration_params(params: Mapping[str, Any]) -> MigrationParams:
+    """The typed params of a migration job, by its ``source_type``."""
+    params_type = PARAMS_BY_SOURCE_TYPE.get(params.get("source_type"))
+    if params_type is None:
+        raise ParamError("source_type", f"expected one of {', '.join(SOURCE_TYPES)}")
+    return params_type.parse(params)
+
+
+def parse_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The kind's ``parse_params``: the typed parse, stored as its JSON."""
+    return parse_migration_params(params).to_json()
+
+
+def _source(ctx: JobContext, params: MigrationParams) -> tuple[Source, Path | None]:
+    if not isinstance(params, ExcelImportParams):
+        return build_source(params, ctx), None
     settings = migration_settings(ctx.settings)
-    params = ctx.params
-    if params["source_type"] == "excel":
-        path = upload_path(ctx.settings.state_dir, params["upload"])
-        return ExcelSource(path=path, sheet=params.get("sheet"), settings=settings), path
-    raise JobFailed(f"unknown source type {params['source_type']!r}")
+    path = upload_path(ctx.settings.state_dir, params.upload)
+    return ExcelSource(path=path, sheet=params.sheet, settings=settings), path
 
 
 async def run_migration(ctx: JobContext) -> None:
+    params = parse_migration_params(ctx.params)
     targets = configured_targets(ctx.settings)
-    target = targets.get(ctx.params["target"])
+    target = targets.get(params.target)
     if target is None:
-        raise JobFailed(f"target {ctx.params['target']!r} is no longer configured; known: "
+        raise JobFailed(f"target {params.target!r} is no longer configured; known: "
                         f"{', '.join(sorted(targets))}")
-    source, upload = _source(ctx)
+    source, upload = _source(ctx, params)
     settings = migration_settings(ctx.settings)
     try:
         result = await run_pipeline(ctx, source, target, timezone=settings.timezone)
