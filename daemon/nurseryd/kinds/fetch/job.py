@@ -104,15 +104,19 @@ def build_result(outcomes: Mapping[str, SourceOutcome]) -> dict[str, Any]:
             "summary": summary}
 
 
-#: Counters go to the jobs table at most this often (plus once at the end): each
-#: report is a row update, and a fetch produces one per batch per source.
+#: The counters are summed over every source and reported at most this often
+#: (plus once at the end). ``ctx.report`` itself never blocks and the supervisor
+#: coalesces what reaches the jobs table; this only spares re-summing all sources
+#: after every batch of every source.
 REPORT_EVERY_S = 0.25
 
 
 @dataclass
 class Progress:
-    """total = items seen, processed = items upserted (new, updated or re-seen
-    unchanged), failed = items rejected (no id, duplicate, not an object)."""
+    """The job's counters, summed over its sources: total = items seen (filtered
+    ones included, so a finished source has total = processed + filtered + failed),
+    processed = items upserted (new, updated or re-seen unchanged), failed = items
+    rejected (no id, duplicate, not an object)."""
 
     ctx: JobContext
     outcomes: Mapping[str, SourceOutcome]

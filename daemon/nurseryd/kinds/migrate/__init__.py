@@ -38,8 +38,9 @@ MIGRATION_KIND = JobKind(
     run=_run,
     parse_params=_parse,
     generic_endpoint=False,
-    description="Import rows from an uploaded .xlsx (POST /migration/excel) into a target "
-                "table: coerce, reject, COPY, upsert, resumable.",
+    description="Import rows into a target table from an uploaded .xlsx (POST /migration/excel), "
+                "a configured database (POST /migration/database) or a Google Sheet "
+                "(POST /migration/google-sheets): coerce, reject, COPY, upsert, resumable.",
 )
 
 
