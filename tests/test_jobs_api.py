@@ -232,7 +232,7 @@ async def test_json_body_cap_holds_for_chunked_bodies_too(daemon: InProcessDaemo
 async def test_concurrent_triggers_share_insert_round_trips(daemon: InProcessDaemon) -> None:
     """Trap (c): a statement through the trio-asyncio bridge costs ~4x plain asyncio,
     so 200 simultaneous triggers must not cost 200 INSERT round trips."""
-    inserts = daemon.supervisor._inserts
+    inserts = daemon.supervisor.inserts
     before_flushes, before_items = inserts.flushes, inserts.items_flushed
     statuses: list[int] = []
 

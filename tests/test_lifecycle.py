@@ -72,3 +72,16 @@ def test_cancel_is_allowed_exactly_from_the_active_statuses() -> None:
 )
 def test_how_an_attempt_ended(raised, cancelled, reason, expected) -> None:
     assert event_for_ending(raised=raised, cancelled=cancelled, reason=reason) is expected
+
+
+def test_every_event_has_one_target_whatever_it_leaves() -> None:
+    from nurseryd.lifecycle import TRANSITIONS, target_of
+
+    for (status, event), target in TRANSITIONS.items():
+        assert target_of(event) is target, (status, event)
+    assert {event for _, event in TRANSITIONS} == set(Event)
+
+
+def test_no_event_leaves_a_terminal_status() -> None:
+    for event in Event:
+        assert not statuses_allowing(event) & TERMINAL, event

@@ -80,6 +80,30 @@ def statuses_allowing(event: Event) -> frozenset[Status]:
     return frozenset(status for (status, each), _ in TRANSITIONS.items() if each is event)
 
 
+def target_of(event: Event) -> Status:
+    """Where ``event`` takes a job, whichever status it leaves.
+
+    Every event has exactly one target (checked below, at import), which is what
+    lets the job store apply a transition in one guarded statement:
+    ``SET status = target_of(event) WHERE status = ANY(statuses_allowing(event))``.
+    """
+    return _TARGETS[event]
+
+
+def _targets() -> dict[Event, Status]:
+    targets: dict[Event, Status] = {}
+    for (_, event), target in TRANSITIONS.items():
+        if targets.setdefault(event, target) is not target:
+            raise AssertionError(f"event {event.value} has two targets")
+    missing = set(Event) - set(targets)
+    if missing:
+        raise AssertionError(f"events with no transition: {sorted(missing)}")
+    return targets
+
+
+_TARGETS = _targets()
+
+
 class StopReason(StrEnum):
     """Why the supervisor cancelled a job's scope; decides the event that follows."""
 

@@ -1,213 +1,57 @@
-"""Every SQL statement about the ``jobs`` table, and the row → JSON view.
+"""Every SQL statement about the ``jobs`` table.
 
-Handlers and the supervisor never build SQL; they call these functions. The
-batched ones (:func:`insert_jobs`, :func:`apply_updates`) are what the group
-committers flush: one round trip for many jobs.
+:class:`PostgresJobStore` is the :class:`~nurseryd.store.base.JobStore` the daemon
+runs on; the functions below it answer the few questions other modules ask of the
+table. No statement names a status literally: statuses come from
+:mod:`nurseryd.lifecycle` as parameters, so the transition table is the only place
+that says which status may follow which.
+
+The batched calls (:meth:`PostgresJobStore.insert`, :meth:`PostgresJobStore.apply`)
+are what the supervisor's group committers flush: one round trip for many jobs.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
 from ..errors import LostClaim
-from ..lifecycle import ACTIVE, Status
+from ..lifecycle import (
+    ACTIVE,
+    Event,
+    Status,
+    next_status,
+    statuses_allowing,
+    target_of,
+)
+from ..store.base import (
+    PUBLIC_FIELDS,
+    UPDATABLE,
+    Change,
+    ChangeFeed,
+    JobChanged,
+    NewJob,
+    Row,
+    Transition,
+    in_rounds,
+    job_json,
+    now,
+)
 from .database import Database
 
-PUBLIC_FIELDS = (
-    "id", "kind", "status", "total", "processed", "failed", "error", "params", "result",
-    "attempts", "timeout_s", "created_at", "started_at", "finished_at", "cancel_requested_at",
-)
-_SELECT = f"SELECT {', '.join(PUBLIC_FIELDS)}, checkpoint, owner FROM jobs"
+__all__ = ["NewJob", "PostgresJobStore", "job_json", "now"]
+
+ROW_FIELDS = (*PUBLIC_FIELDS, "checkpoint", "owner")
+_RETURNING = ", ".join(f"jobs.{name}" for name in ROW_FIELDS)
+_SELECT = f"SELECT {', '.join(ROW_FIELDS)} FROM jobs"
 
 
-def job_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The public JSON view of a job row (timestamps as ISO 8601)."""
-    out: dict[str, Any] = {}
-    for name in PUBLIC_FIELDS:
-        value = row[name]
-        out[name] = value.isoformat() if isinstance(value, dt.datetime) else value
-    return out
-
-
-@dataclass(frozen=True)
-class NewJob:
-    kind: str
-    params: dict[str, Any]
-    timeout_s: float
-    owner: str
-
-
-_INSERT = """
-WITH input AS (
-    SELECT nextval(pg_get_serial_sequence('jobs', 'id')) AS id, t.*
-    FROM unnest($1::text[], $2::jsonb[], $3::float8[], $4::text[]) WITH ORDINALITY
-         AS t(kind, params, timeout_s, owner, ord)
-), inserted AS (
-    INSERT INTO jobs (id, kind, params, timeout_s, owner)
-    SELECT id, kind, params, timeout_s, owner FROM input ORDER BY ord
-    ON CONFLICT DO NOTHING
-    RETURNING {fields}, checkpoint, owner
-)
-SELECT input.ord, inserted.* FROM input LEFT JOIN inserted USING (id) ORDER BY input.ord
-""".format(fields=", ".join(PUBLIC_FIELDS))
-
-
-async def _insert(conn: asyncpg.Connection, jobs: list[NewJob]) -> list[asyncpg.Record | None]:
-    rows = await conn.fetch(
-        _INSERT,
-        [job.kind for job in jobs], [job.params for job in jobs],
-        [job.timeout_s for job in jobs], [job.owner for job in jobs],
-    )
-    # A row a unique index refused (ON CONFLICT DO NOTHING) comes back with NULLs.
-    return [row if row["kind"] is not None else None for row in rows]
-
-
-async def insert_jobs(db: Database, jobs: list[NewJob]) -> list[asyncpg.Record | None]:
-    """Insert many jobs in one statement; ``None`` where a unique index refused one.
-
-    One statement is atomic by itself: no BEGIN/COMMIT round trips.
-    """
-    return await db.run(_insert, jobs, transaction=False)
-
-
-# -- batched updates ---------------------------------------------------------------------
-
-_UPDATE_TYPES: dict[str, str] = {
-    "status": "text", "total": "bigint", "processed": "bigint", "failed": "bigint",
-    "error": "text", "result": "jsonb", "attempts": "integer", "checkpoint": "jsonb",
-    "started_at": "timestamptz", "finished_at": "timestamptz", "heartbeat_at": "timestamptz",
-    "cancel_requested_at": "timestamptz", "owner": "text",
-}
-
-
-@dataclass
-class JobUpdate:
-    """Columns to set on one job. Only the given keys are written (None means NULL)."""
-
-    job_id: int
-    values: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.values) - set(_UPDATE_TYPES)
-        if unknown:
-            raise ValueError(f"not updatable: {sorted(unknown)}")
-
-
-def merge_updates(updates: Iterable[JobUpdate]) -> dict[int, dict[str, Any]]:
-    """Later values win, per job, so a batch writes each job once."""
-    merged: dict[int, dict[str, Any]] = defaultdict(dict)
-    for update in updates:
-        merged[update.job_id].update(update.values)
-    return dict(merged)
-
-
-def _group_by_shape(
-    merged: dict[int, dict[str, Any]],
-) -> dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]]:
-    by_shape: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
-    for job_id, values in merged.items():
-        by_shape[tuple(sorted(values))].append((job_id, values))
-    return by_shape
-
-
-async def _apply(
-    conn: asyncpg.Connection, by_shape: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]]
-) -> dict[int, asyncpg.Record]:
-    rows: dict[int, asyncpg.Record] = {}
-    for columns, items in by_shape.items():
-        assignments = ", ".join(f"{name} = u.{name}" for name in columns)
-        arrays = ", ".join(
-            f"${index}::{_UPDATE_TYPES[name]}[]" for index, name in enumerate(columns, 2)
-        )
-        sql = (
-            f"UPDATE jobs SET {assignments} FROM unnest($1::bigint[], {arrays})"
-            f" AS u(id, {', '.join(columns)}) WHERE jobs.id = u.id"
-            f" RETURNING {', '.join('jobs.' + name for name in PUBLIC_FIELDS)}"
-        )
-        args = [[job_id for job_id, _ in items]]
-        args += [[values[name] for _, values in items] for name in columns]
-        for row in await conn.fetch(sql, *args):
-            rows[row["id"]] = row
-    return rows
-
-
-async def apply_updates(db: Database, updates: list[JobUpdate]) -> list[asyncpg.Record | None]:
-    """Write a batch of updates atomically; returns each updated job's row.
-
-    Usually a batch has one shape (same columns) and is one statement, which
-    needs no BEGIN/COMMIT; mixed shapes share one transaction.
-    """
-    by_shape = _group_by_shape(merge_updates(updates))
-    if not by_shape:
-        return [None] * len(updates)
-    rows = await db.run(_apply, by_shape, transaction=len(by_shape) > 1)
-    return [rows.get(update.job_id) for update in updates]
-
-
-# -- single-row reads and guarded writes ------------------------------------------------
-
-
-async def get_job(db: Database, job_id: int) -> asyncpg.Record | None:
-    return await db.fetchrow(f"{_SELECT} WHERE id = $1", job_id)
-
-
-async def list_jobs(
-    db: Database,
-    *,
-    kind: str | None,
-    statuses: Sequence[str] | None,
-    before_id: int | None,
-    limit: int,
-) -> list[asyncpg.Record]:
-    """Newest first; keyset pagination by id (``before_id``)."""
-    return await db.fetch(
-        f"{_SELECT} WHERE ($1::text IS NULL OR kind = $1)"
-        " AND ($2::text[] IS NULL OR status = ANY($2))"
-        " AND ($3::bigint IS NULL OR id < $3)"
-        " ORDER BY id DESC LIMIT $4",
-        kind, list(statuses) if statuses else None, before_id, limit,
-    )
-
-
-async def cancel_queued(db: Database, job_id: int, owner: str) -> asyncpg.Record | None:
-    """Cancel a queued job that no live process holds in memory: ours but not loaded
-    yet, unowned, or owned by a dead daemon. A live daemon's queued job is left to
-    that daemon (``request_cancel``), which would otherwise still start it."""
-    return await db.fetchrow(
-        "UPDATE jobs SET status = 'cancelled', finished_at = now(),"
-        " cancel_requested_at = coalesce(cancel_requested_at, now()),"
-        " error = 'cancelled before it started'"
-        " WHERE id = $1 AND status = 'queued' AND (owner IS NULL OR owner = $2"
-        f" OR pg_try_advisory_xact_lock({owner_lock_sql('owner')}))"
-        f" RETURNING {', '.join(PUBLIC_FIELDS)}, checkpoint, owner",
-        job_id, owner,
-    )
-
-
-async def request_cancel(db: Database, job_id: int) -> None:
-    """Record a cancel request for the daemon that holds the job."""
-    await db.execute("UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())"
-                     " WHERE id = $1 AND status IN ('queued', 'running')", job_id)
-
-
-async def cancel_requests_among(db: Database, job_ids: list[int]) -> list[asyncpg.Record]:
-    """Which of these jobs someone asked (through the table) to cancel."""
-    return await db.fetch(
-        "SELECT id, cancel_requested_at FROM jobs"
-        " WHERE id = ANY($1::bigint[]) AND cancel_requested_at IS NOT NULL", job_ids)
-
-
-async def heartbeat(db: Database, job_ids: list[int]) -> None:
-    await db.execute("UPDATE jobs SET heartbeat_at = now() WHERE id = ANY($1::bigint[])", job_ids)
-
-
-# -- ownership and recovery ---------------------------------------------------------------
+def _values(statuses: Iterable[Status]) -> list[str]:
+    return sorted(status.value for status in statuses)
 
 
 def owner_lock_sql(param: str) -> str:
@@ -219,43 +63,210 @@ async def hold_owner_lock(conn: asyncpg.Connection, owner: str) -> None:
     await conn.execute(f"SELECT pg_advisory_lock({owner_lock_sql('$1')})", owner)
 
 
-_ADOPT = f"""
-WITH orphans AS (
-    SELECT id FROM jobs
-    WHERE status IN ('queued', 'running')
-      AND (owner IS NULL OR owner = $1
-           OR (owner <> $2 AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})))
-    FOR UPDATE SKIP LOCKED
+# -- statements ---------------------------------------------------------------------------
+
+_INSERT = f"""
+WITH input AS (
+    SELECT nextval(pg_get_serial_sequence('jobs', 'id')) AS id, t.*
+    FROM unnest($1::text[], $2::jsonb[], $3::float8[], $4::text[]) WITH ORDINALITY
+         AS t(kind, params, timeout_s, owner, ord)
+), inserted AS (
+    INSERT INTO jobs (id, kind, params, timeout_s, owner)
+    SELECT id, kind, params, timeout_s, owner FROM input ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING {_RETURNING}
 )
-UPDATE jobs SET status = 'queued', owner = $2
-FROM orphans WHERE jobs.id = orphans.id
-RETURNING jobs.id
+SELECT input.ord, inserted.* FROM input LEFT JOIN inserted USING (id) ORDER BY input.ord
 """
 
 
-async def _adopt(conn: asyncpg.Connection, previous_owner: str | None, owner: str) -> int:
-    rows = await conn.fetch(_ADOPT, previous_owner or "", owner)
-    return len(rows)
-
-
-async def adopt_orphans(db: Database, owner: str, previous_owner: str | None = None) -> int:
-    """Requeue and take over every unfinished job whose owner is dead.
-
-    An owner is alive exactly while its process holds its advisory lock (a
-    session lock dies with the connection, so a SIGKILLed daemon releases it at
-    once): no lease to wait out, and a live daemon's jobs are never taken, so a
-    job never runs twice at once.
-    """
-    return await db.run(_adopt, previous_owner, owner)
-
-
-async def queued_for(
-    db: Database, owner: str, after_id: int, limit: int
-) -> list[asyncpg.Record]:
-    return await db.fetch(
-        f"{_SELECT} WHERE owner = $1 AND status = 'queued' AND id > $2 ORDER BY id LIMIT $3",
-        owner, after_id, limit,
+def _apply_sql(columns: tuple[str, ...], sets_status: bool) -> str:
+    """One guarded UPDATE for every change of one shape (same columns)."""
+    assignments = [f"{name} = u.{name}" for name in columns]
+    if sets_status:
+        assignments.insert(0, "status = u.to_status")
+    arrays = "".join(
+        f", ${index}::{UPDATABLE[name]}[]" for index, name in enumerate(columns, 6))
+    names = "".join(f", {name}" for name in columns)
+    return (
+        f"UPDATE jobs SET {', '.join(assignments)}"
+        f" FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::integer[]{arrays})"
+        f" AS u(id, to_status, from_statuses, guard_owner, guard_attempt{names})"
+        " WHERE jobs.id = u.id AND jobs.status = ANY(string_to_array(u.from_statuses, ','))"
+        " AND (u.guard_owner IS NULL OR jobs.owner = u.guard_owner)"
+        " AND (u.guard_attempt IS NULL OR jobs.attempts = u.guard_attempt)"
+        f" RETURNING {_RETURNING}"
     )
+
+
+def _guard(change: Change) -> tuple[str | None, str]:
+    """(target status or None, the statuses it may start from, comma-joined)."""
+    if isinstance(change, Transition):
+        return target_of(change.event).value, ",".join(_values(statuses_allowing(change.event)))
+    return None, ",".join(_values(change.statuses))
+
+
+_CANCEL_QUEUED = f"""
+UPDATE jobs SET status = $3, finished_at = now(),
+    cancel_requested_at = coalesce(cancel_requested_at, now()),
+    error = 'cancelled before it started'
+WHERE id = $1 AND status = $4
+  AND (owner IS NULL OR owner = $2 OR pg_try_advisory_xact_lock({owner_lock_sql('owner')}))
+RETURNING {_RETURNING}
+"""
+if Status.QUEUED not in statuses_allowing(Event.CANCEL):  # pragma: no cover - table edit
+    raise AssertionError("cancel_queued needs queued -> cancel in the lifecycle table")
+
+_ADOPT = f"""
+WITH orphans AS (
+    SELECT id, status AS was FROM jobs
+    WHERE status = ANY($2::text[])
+      AND (owner IS NULL
+           OR (owner <> $1 AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})))
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs SET owner = $1,
+    status = CASE WHEN orphans.was = ANY($3::text[]) THEN $4 ELSE jobs.status END
+FROM orphans WHERE jobs.id = orphans.id
+RETURNING {_RETURNING}, orphans.was
+"""
+
+
+# -- the store ----------------------------------------------------------------------------
+
+
+class PostgresJobStore:
+    """The jobs table as a :class:`~nurseryd.store.base.JobStore`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.feed = ChangeFeed()
+
+    async def insert(self, jobs: Sequence[NewJob]) -> list[Row | None]:
+        """Insert many jobs in one statement (atomic by itself: no BEGIN/COMMIT)."""
+
+        async def _insert(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+            return await conn.fetch(
+                _INSERT,
+                [job.kind for job in jobs], [job.params for job in jobs],
+                [job.timeout_s for job in jobs], [job.owner for job in jobs],
+            )
+
+        rows = await self.db.run(_insert, transaction=False)
+        # A row a unique index refused (ON CONFLICT DO NOTHING) comes back with NULLs.
+        found: list[Row | None] = [row if row["kind"] is not None else None for row in rows]
+        self.feed.publish(JobChanged(None, row) for row in found if row is not None)
+        return found
+
+    async def apply(self, changes: Sequence[Change]) -> list[Row | None]:
+        """Every change guarded by its statuses, owner and attempt; atomically.
+
+        Usually a batch is one round of one shape: one statement, no BEGIN/COMMIT.
+        """
+        rounds = in_rounds(changes)
+        statements: list[list[tuple[str, list[Any], list[list[int]], list[Change]]]] = []
+        for round_ in rounds:
+            by_shape: dict[tuple[bool, tuple[str, ...]], list[tuple[list[int], Change]]] = \
+                defaultdict(list)
+            for indexes, change in round_:
+                shape = (isinstance(change, Transition), tuple(sorted(change.values)))
+                by_shape[shape].append((indexes, change))
+            parts = []
+            for (sets_status, columns), items in by_shape.items():
+                if not sets_status and not columns:
+                    continue
+                guards = [_guard(change) for _, change in items]
+                args: list[Any] = [
+                    [change.job_id for _, change in items],
+                    [target for target, _ in guards], [allowed for _, allowed in guards],
+                    [change.owner for _, change in items],
+                    [change.attempt for _, change in items],
+                ]
+                args += [[change.values[name] for _, change in items] for name in columns]
+                parts.append((_apply_sql(columns, sets_status), args,
+                              [indexes for indexes, _ in items],
+                              [change for _, change in items]))
+            statements.append(parts)
+        count = sum(len(parts) for parts in statements)
+        results: list[Row | None] = [None] * len(changes)
+        if not count:
+            return results
+
+        async def _apply(conn: asyncpg.Connection) -> list[dict[int, asyncpg.Record]]:
+            found = []
+            for parts in statements:
+                for sql, args, _, _ in parts:
+                    found.append({row["id"]: row for row in await conn.fetch(sql, *args)})
+            return found
+
+        found = iter(await self.db.run(_apply, transaction=count > 1))
+        committed: list[JobChanged] = []
+        for parts in statements:
+            for _, _, indexes_list, applied in parts:
+                rows = next(found)
+                for indexes, change in zip(indexes_list, applied, strict=True):
+                    row = rows.get(change.job_id)
+                    for index in indexes:
+                        results[index] = row
+                    if row is not None and isinstance(change, Transition):
+                        committed.append(JobChanged(change.event, row))
+        self.feed.publish(committed)
+        return results
+
+    async def get(self, job_id: int) -> Row | None:
+        return await self.db.fetchrow(f"{_SELECT} WHERE id = $1", job_id)
+
+    async def list(
+        self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
+        limit: int,
+    ) -> list[Row]:
+        return await self.db.fetch(
+            f"{_SELECT} WHERE ($1::text IS NULL OR kind = $1)"
+            " AND ($2::text[] IS NULL OR status = ANY($2))"
+            " AND ($3::bigint IS NULL OR id < $3)"
+            " ORDER BY id DESC LIMIT $4",
+            kind, list(statuses) if statuses else None, before_id, limit,
+        )
+
+    async def cancel_queued(self, job_id: int, owner: str) -> Row | None:
+        """A live daemon's queued job is left to that daemon (``request_cancel``),
+        which would otherwise still start it."""
+        row = await self.db.fetchrow(
+            _CANCEL_QUEUED, job_id, owner, next_status(Status.QUEUED, Event.CANCEL).value,
+            Status.QUEUED.value)
+        if row is not None:
+            self.feed.publish([JobChanged(Event.CANCEL, row)])
+        return row
+
+    async def request_cancel(self, job_id: int) -> None:
+        await self.db.execute(
+            "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())"
+            " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE))
+
+    async def cancel_requests_among(self, job_ids: Sequence[int]) -> list[tuple[int, Any]]:
+        rows = await self.db.fetch(
+            "SELECT id, cancel_requested_at FROM jobs"
+            " WHERE id = ANY($1::bigint[]) AND cancel_requested_at IS NOT NULL", list(job_ids))
+        return [(row["id"], row["cancel_requested_at"]) for row in rows]
+
+    async def adopt_orphans(self, owner: str) -> int:
+        """An owner is alive exactly while its process holds its advisory lock (a
+        session lock dies with the connection, so a SIGKILLed daemon releases it
+        at once): no lease to wait out, and a live daemon's jobs are never taken,
+        so a job never runs twice at once."""
+        rows = await self.db.fetch(
+            _ADOPT, owner, _values(ACTIVE), _values(statuses_allowing(Event.RECOVER)),
+            target_of(Event.RECOVER).value)
+        recoverable = {status.value for status in statuses_allowing(Event.RECOVER)}
+        self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows
+                          if row["was"] in recoverable)
+        return len(rows)
+
+    async def queued_for(self, owner: str, after_id: int, limit: int) -> list[Row]:
+        return await self.db.fetch(
+            f"{_SELECT} WHERE owner = $1 AND status = $2 AND id > $3 ORDER BY id LIMIT $4",
+            owner, Status.QUEUED.value, after_id, limit,
+        )
 
 
 # -- questions other modules ask of the jobs table ----------------------------------------
@@ -303,10 +314,10 @@ async def commit_progress_in(
         raise LostClaim(job_id)
 
 
-def _values(statuses: Iterable[Status]) -> list[str]:
-    return sorted(status.value for status in statuses)
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
+async def status_constraint(db: Database) -> list[str]:
+    """The statuses the table's CHECK constraint allows (tested against ``Status``)."""
+    definition = await db.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'jobs'::regclass AND contype = 'c'"
+        " AND pg_get_constraintdef(oid) LIKE '%status%'")
+    return sorted(re.findall(r"'([a-z_]+)'::text", definition or ""))

@@ -8,7 +8,6 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
-from ..db import jobs as jobsdb
 from ..lifecycle import Status
 from ..supervisor import JobNotFound
 from .context import get_services
@@ -120,9 +119,8 @@ async def list_jobs() -> Response:
                           f"{', '.join(sorted(allowed))}, comma-separated", field="status")
     limit = int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     before = int_arg("before", None, 1, 2**63 - 1)
-    rows = await jobsdb.list_jobs(get_services().db, kind=kind, statuses=statuses or None,
-                                  before_id=before, limit=limit)
-    jobs = [jobsdb.job_json(row) for row in rows]
+    jobs = await get_services().supervisor.list_jobs(
+        kind=kind, statuses=statuses or None, before_id=before, limit=limit)
     body: dict[str, Any] = {"jobs": jobs, "next": None}
     if len(jobs) == limit:
         query = [f"before={jobs[-1]['id']}", f"limit={limit}"]

@@ -1,0 +1,1 @@
+"""The job store interface and its in-memory implementation (see ``base``)."""

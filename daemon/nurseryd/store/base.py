@@ -1,0 +1,240 @@
+"""The job store: the one door through which a job's row changes.
+
+The supervisor never writes SQL and never decides a status itself. It hands the
+store *changes*, and the store applies them in batches:
+
+- :class:`Transition` is a status change. The store asks :mod:`nurseryd.lifecycle`
+  where the event leads (``target_of``) and from which statuses it may start
+  (``statuses_allowing``), and writes the row only if it is in one of those
+  statuses and, when given, still held by ``owner`` in ``attempt``. A change
+  the guard refuses writes nothing and comes back as ``None``.
+- :class:`Progress` sets counters, a checkpoint or a cancel request without a
+  status change, under the same kind of guard (by default: the job is running).
+
+Because every status change passes through :meth:`JobStore.apply` (and the two
+narrower doors :meth:`~JobStore.cancel_queued` and :meth:`~JobStore.adopt_orphans`,
+which are transitions too), whatever must see every change — the event stream,
+metrics, a job's log, notifications to other daemons — subscribes here with
+:meth:`ChangeFeed.subscribe` and can neither miss a change nor report one that did
+not commit.
+
+Two implementations: :class:`nurseryd.db.jobs.PostgresJobStore` (the real one)
+and :class:`nurseryd.store.memory.MemoryJobStore` (for supervisor unit tests,
+like procrastinate's in-memory connector).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..lifecycle import Event, Status
+
+log = logging.getLogger(__name__)
+
+#: A job row as the store returns it (``PUBLIC_FIELDS`` plus ``checkpoint`` and ``owner``).
+Row = Mapping[str, Any]
+
+PUBLIC_FIELDS = (
+    "id", "kind", "status", "total", "processed", "failed", "error", "params", "result",
+    "attempts", "timeout_s", "created_at", "started_at", "finished_at", "cancel_requested_at",
+)
+
+#: Columns a change may set besides ``status`` (and their PostgreSQL types).
+UPDATABLE: dict[str, str] = {
+    "total": "bigint", "processed": "bigint", "failed": "bigint", "error": "text",
+    "result": "jsonb", "attempts": "integer", "checkpoint": "jsonb",
+    "started_at": "timestamptz", "finished_at": "timestamptz",
+    "cancel_requested_at": "timestamptz", "owner": "text",
+}
+
+
+def job_json(row: Row) -> dict[str, Any]:
+    """The public JSON view of a job row (timestamps as ISO 8601)."""
+    out: dict[str, Any] = {}
+    for name in PUBLIC_FIELDS:
+        value = row[name]
+        out[name] = value.isoformat() if isinstance(value, dt.datetime) else value
+    return out
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class NewJob:
+    kind: str
+    params: dict[str, Any]
+    timeout_s: float
+    owner: str
+
+
+def _check_columns(values: Mapping[str, Any]) -> None:
+    unknown = set(values) - set(UPDATABLE)
+    if unknown:
+        raise ValueError(f"not updatable: {sorted(unknown)}")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A status change of one job: ``event`` plus the columns that go with it."""
+
+    job_id: int
+    event: Event
+    values: Mapping[str, Any] = field(default_factory=dict)
+    #: Guard: the row must still name this owner (``None``: any owner).
+    owner: str | None = None
+    #: Guard: the row's ``attempts`` must be this (``None``: any attempt).
+    attempt: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_columns(self.values)
+
+
+RUNNING_ONLY = frozenset({Status.RUNNING})
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Columns to set on one job without changing its status."""
+
+    job_id: int
+    values: Mapping[str, Any]
+    owner: str | None = None
+    attempt: int | None = None
+    #: Guard: the statuses in which the write applies.
+    statuses: frozenset[Status] = RUNNING_ONLY
+
+    def __post_init__(self) -> None:
+        _check_columns(self.values)
+
+
+Change = Transition | Progress
+
+
+@dataclass(frozen=True)
+class JobChanged:
+    """What subscribers of the :class:`ChangeFeed` receive, once a change committed.
+
+    ``event`` is ``None`` for a newly recorded job, and the lifecycle event for a
+    status change. ``row`` is the job as committed.
+    """
+
+    event: Event | None
+    row: Row
+
+
+Subscriber = Callable[[JobChanged], None]
+
+
+class ChangeFeed:
+    """Committed job changes, for whoever must see every one of them.
+
+    A subscriber is called synchronously right after the commit, so it must not
+    block: it records or sends without waiting (a bounded channel's
+    ``send_nowait``, a counter). One that raises is logged and skipped; it
+    never undoes or hides a committed change from the others.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call ``subscriber`` for every committed change; returns the unsubscribe."""
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def publish(self, changes: Iterable[JobChanged]) -> None:
+        for change in changes:
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber(change)
+                except Exception:
+                    log.exception("a job change subscriber failed")
+
+
+class JobStore(Protocol):
+    """Where jobs are recorded and every change to them is applied."""
+
+    feed: ChangeFeed
+
+    async def insert(self, jobs: Sequence[NewJob]) -> list[Row | None]:
+        """Record many jobs at once; ``None`` where a unique rule refused one
+        (the one-active-fetch index)."""
+        ...
+
+    async def apply(self, changes: Sequence[Change]) -> list[Row | None]:
+        """Apply many changes at once, atomically; each one's row, or ``None``
+        where its guard refused it."""
+        ...
+
+    async def get(self, job_id: int) -> Row | None: ...
+
+    async def list(
+        self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
+        limit: int,
+    ) -> list[Row]:
+        """Newest first; keyset pagination by id (``before_id``)."""
+        ...
+
+    async def cancel_queued(self, job_id: int, owner: str) -> Row | None:
+        """Cancel a queued job no live process holds in memory: ours but not loaded
+        yet, unowned, or owned by a dead daemon (the ``cancel`` transition)."""
+        ...
+
+    async def request_cancel(self, job_id: int) -> None:
+        """Record a cancel request for the daemon that holds the job."""
+        ...
+
+    async def cancel_requests_among(self, job_ids: Sequence[int]) -> list[tuple[int, Any]]:
+        """``(id, cancel_requested_at)`` of those jobs someone asked to cancel."""
+        ...
+
+    async def adopt_orphans(self, owner: str) -> int:
+        """Requeue (the ``recover`` transition) and take over every unfinished job
+        whose owner is dead; returns how many."""
+        ...
+
+    async def queued_for(self, owner: str, after_id: int, limit: int) -> list[Row]:
+        """This owner's queued jobs with ids above ``after_id``, oldest first."""
+        ...
+
+
+Round = list[tuple[list[int], Change]]
+
+
+def in_rounds(changes: Sequence[Change]) -> list[Round]:
+    """Split a batch so that each round holds at most one change per job.
+
+    Consecutive progress writes of one job merge (later values win), and
+    progress merges into the transition that follows it, so the common batch is
+    one round; a change that follows a job's transition in the same batch goes
+    into the next round and meets that transition's result (its guard decides).
+    Each entry keeps the indexes of the inputs it stands for.
+    """
+    rounds: list[dict[int, tuple[list[int], Change]]] = []
+    for index, change in enumerate(changes):
+        for round_ in rounds:
+            existing = round_.get(change.job_id)
+            if existing is None:
+                round_[change.job_id] = ([index], change)
+                break
+            indexes, current = existing
+            if isinstance(current, Progress):
+                merged: Change
+                if isinstance(change, Progress):
+                    merged = Progress(change.job_id, {**current.values, **change.values},
+                                      change.owner, change.attempt, change.statuses)
+                else:
+                    merged = Transition(change.job_id, change.event,
+                                        {**current.values, **change.values},
+                                        change.owner, change.attempt)
+                round_[change.job_id] = ([*indexes, index], merged)
+                break
+        else:
+            rounds.append({change.job_id: ([index], change)})
+    return [list(round_.values()) for round_ in rounds]

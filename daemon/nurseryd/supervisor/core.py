@@ -1,0 +1,315 @@
+"""The supervisor: the one long-lived nursery that owns every background job.
+
+::
+
+    HTTP handler ──submit()──▶ INSERT (group commit) ──▶ memory channel ──▶ dispatcher
+                                                                             │ start_soon
+                                                                             ▼
+                                              job nursery: one task per job, each
+                                              inside its own CancelScope (deadline =
+                                              the job's timeout), gated by its kind's
+                                              CapacityLimiter
+
+A handler only records the job and sends it into the channel; the job runs in
+the supervisor's nursery, so the request finishing, failing or disconnecting
+cannot touch it. This class only composes the parts, each in its own module:
+:mod:`.intake` (slots and the channel), :mod:`.runner` (one job, its start and
+final write), :mod:`.drain` (grace, then cancel), :mod:`.watchers` (progress
+flushes, cancel requests from other daemons). Every write goes through the
+:class:`~nurseryd.store.base.JobStore` it is given, so the whole supervisor runs
+on the in-memory store in unit tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..batching import CommitterClosed, GroupCommitter
+from ..errors import JobAlreadyFinished, JobConflict, JobNotFound, ParamError, UnknownKind
+from ..kinds.base import JobKind, KindRegistry
+from ..lifecycle import ACTIVE, Status, StopReason
+from ..store.base import Change, JobStore, NewJob, Progress, Row, job_json, now
+from .drain import Drain
+from .handle import JobHandle
+from .intake import Intake
+from .runner import JobRunner
+from .stats import SupervisorStatistics
+from .watchers import ProgressFlusher, watch_cancel_requests
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..db import Database
+
+log = logging.getLogger("nurseryd.supervisor")
+
+#: How often reported progress counters reach the table (live status resolution).
+PROGRESS_INTERVAL_S = 0.25
+#: How often a daemon looks for cancel requests that other daemons recorded for its jobs.
+REMOTE_CANCEL_POLL_S = 1.0
+BACKLOG_PAGE = 500
+
+
+class Supervisor:
+    """Owns the job nursery and composes intake, runner, drain and watchers."""
+
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        kinds: KindRegistry,
+        owner: str,
+        *,
+        store: JobStore | None = None,
+    ) -> None:
+        if store is None:
+            from ..db.jobs import PostgresJobStore
+
+            store = PostgresJobStore(db)
+        self.db = db
+        self.settings = settings
+        self.kinds = kinds
+        self.owner = owner
+        self.store = store
+        self.registry: dict[int, JobHandle] = {}
+        self.inserts: GroupCommitter[NewJob, Row | None] = GroupCommitter(
+            "job inserts", store.insert)
+        self._writer: GroupCommitter[Change, Row | None] = GroupCommitter(
+            "job updates", store.apply)
+        self._intake = Intake(settings.queue_size)
+        self._drain = Drain(settings.shutdown_grace)
+        self._progress = ProgressFlusher(owner, self._write_soon, PROGRESS_INTERVAL_S)
+        self._runner = JobRunner(
+            owner=owner, db=db, settings=settings, writer=self._writer, intake=self._intake,
+            registry=self.registry, progress=self._progress,
+            is_draining=lambda: self._drain.draining,
+        )
+        self._backlog_lock = trio.Lock()
+
+    # -- observing ----------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.draining
+
+    def statistics(self) -> SupervisorStatistics:
+        return SupervisorStatistics(running=self._runner.running, queued=self._intake.waiting,
+                                    held=len(self.registry), draining=self.draining)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        stats = self.statistics()
+        return {"running": stats.running, "queued": stats.queued}
+
+    # -- the nursery --------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`request_stop`, then drain; returns when no job is left.
+
+        The committers live in the outer nursery and are closed only after the job
+        nursery has exited, so every shielded final write has a writer to go to.
+        """
+        async with trio.open_nursery() as services:
+            services.start_soon(self.inserts.run)
+            services.start_soon(self._writer.run)
+            adopted = await self.store.adopt_orphans(self.owner)
+            if adopted:
+                log.info("adopted %d unfinished job(s) from earlier runs", adopted)
+            async with trio.open_nursery() as periodic:
+                periodic.start_soon(self._progress.run)
+                periodic.start_soon(watch_cancel_requests, self.store, self.registry,
+                                    REMOTE_CANCEL_POLL_S)
+                async with trio.open_nursery() as jobs:
+                    jobs.start_soon(self._dispatch, jobs)
+                    jobs.start_soon(self._feed_backlog)
+                    task_status.started()
+                    await self._drain.requested.wait()
+                    await self._drain.run(lambda: self.registry.values(),
+                                          lambda: self._runner.running,
+                                          self._runner.wait_job_ended)
+                    self._intake.close()
+                periodic.cancel_scope.cancel()
+            self.inserts.close()
+            self._writer.close()
+
+    def request_stop(self) -> None:
+        """Begin the drain: no intake, grace for running jobs, then cancel the rest.
+
+        A second call ends the grace period at once.
+        """
+        self._intake.stop_accepting()
+        self._drain.request()
+
+    async def _dispatch(self, jobs: trio.Nursery) -> None:
+        """Start every ready job, draining the channel without a pass per job.
+
+        ``receive()`` costs a scheduler pass per item; under load that falls behind
+        intake (measured: 15k accepted vs 3.7k started after 10 s). After one
+        blocking receive we take everything already buffered with ``receive_nowait``.
+        """
+        receive = self._intake.receive
+        async with receive:
+            async for handle in receive:
+                jobs.start_soon(self._runner.run, handle, name=f"job-{handle.id}")
+                while True:
+                    try:
+                        handle = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    jobs.start_soon(self._runner.run, handle, name=f"job-{handle.id}")
+
+    async def _feed_backlog(self) -> None:
+        """Load this owner's queued jobs (adopted at start) page by page."""
+        after_id = 0
+        while not self.draining:
+            async with self._backlog_lock:
+                rows = await self.store.queued_for(
+                    self.owner, after_id, min(BACKLOG_PAGE, self.settings.queue_size))
+                handles = []
+                for row in rows:
+                    after_id = row["id"]
+                    kind = self.kinds.get(row["kind"])
+                    if kind is None:
+                        log.error("job %d has unknown kind %r; left queued", row["id"],
+                                  row["kind"])
+                    elif row["id"] not in self.registry:
+                        handles.append(self._register(row, kind))
+            if not rows:
+                return
+            for handle in handles:
+                self._intake.take_slot()
+                if not await self._intake.send(handle):  # the drain closed intake
+                    self._intake.release()
+                    return
+            await self._intake.wait_for_room()
+
+    def _write_soon(self, change: Progress) -> None:
+        try:
+            self._writer.submit_nowait(change)
+        except CommitterClosed:
+            log.warning("job %d: update after the writer closed was dropped", change.job_id)
+
+    # -- intake ---------------------------------------------------------------------------
+
+    async def submit(
+        self, kind_name: str, params: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Validate, record durably, enqueue; returns the job as JSON.
+
+        The queue slot is reserved *before* the insert, so a full queue is refused
+        before anything is written: no job is ever left recorded half-way.
+        """
+        kind = self.kinds.get(kind_name)
+        if kind is None:
+            raise UnknownKind(kind_name, self.kinds.names())
+        parsed = kind.parse_params(params)
+        timeout = self.resolve_timeout(kind_name, timeout_s)
+        self._intake.reserve()
+        try:
+            row = await self.inserts.submit(NewJob(kind_name, parsed, timeout, self.owner))
+        except BaseException:
+            self._intake.release()
+            raise
+        if row is None:
+            self._intake.release()
+            raise JobConflict(kind_name)
+        if row["id"] in self.registry:
+            # The backlog scan found the committed row first and holds it (with a
+            # slot of its own): one handle per job, or it would run twice.
+            self._intake.release()
+            return job_json(row)
+        handle = self._register(row, kind)
+        if not self._intake.hand_off(handle):
+            # Draining began while we inserted: the job is durably queued and
+            # resumes after the restart; it just does not run in this process.
+            self._intake.release()
+            del self.registry[handle.id]
+        return job_json(row)
+
+    def resolve_timeout(self, kind_name: str, timeout_s: Any) -> float:
+        limits = self.settings.limits(kind_name)
+        if timeout_s is None:
+            return limits.default_timeout_s
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float):
+            raise ParamError("timeout_s", f"expected a number of seconds, got {timeout_s!r}")
+        if not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise ParamError("timeout_s", "must be a number of seconds > 0")
+        if timeout_s > limits.max_timeout_s:
+            raise ParamError(
+                "timeout_s", f"at most {limits.max_timeout_s:g} s for {kind_name} jobs"
+            )
+        return float(timeout_s)
+
+    def _register(self, row: Row, kind: JobKind) -> JobHandle:
+        handle = JobHandle.from_row(row, kind)
+        self.registry[handle.id] = handle
+        return handle
+
+    # -- cancellation ---------------------------------------------------------------------
+
+    async def cancel(self, job_id: int, *, wait_s: float = 5.0) -> dict[str, Any]:
+        """Cancel a queued or running job; returns it once it has stopped (or after
+        ``wait_s``, with ``cancel_requested_at`` set, if it is slow to stop)."""
+        handle = self.registry.get(job_id)
+        if handle is None:
+            async with self._backlog_lock:  # the backlog feeder must not load it meanwhile
+                handle = self.registry.get(job_id)
+                if handle is None:
+                    row = await self.store.cancel_queued(job_id, self.owner)
+                    if row is not None:
+                        return job_json(row)
+            if handle is None:
+                return await self._cancel_elsewhere(job_id, wait_s)
+        if handle.cancel_requested_at is None:
+            handle.cancel_requested_at = now()
+        handle.stop(StopReason.CANCEL)
+        with trio.move_on_after(wait_s):
+            await handle.finished.wait()
+        if handle.final_row is not None:
+            return job_json(handle.final_row)
+        if not handle.finished.is_set():  # slow to stop: record the request meanwhile
+            await self._writer.submit(Progress(
+                job_id, {"cancel_requested_at": handle.cancel_requested_at}, statuses=ACTIVE))
+        job = await self.get_job(job_id)
+        assert job is not None
+        return job
+
+    async def _cancel_elsewhere(self, job_id: int, wait_s: float) -> dict[str, Any]:
+        """Cancel a job this process does not hold: it runs in another daemon that
+        shares the database. The request goes through the row; the owner's
+        cancel-request watcher acts on it within REMOTE_CANCEL_POLL_S."""
+        job = await self.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if Status(job["status"]).is_terminal:
+            raise JobAlreadyFinished(job)
+        await self.store.request_cancel(job_id)
+
+        async def stopped() -> dict[str, Any] | None:
+            current = await self.get_job(job_id)
+            return current if current and Status(current["status"]).is_terminal else None
+
+        # The other daemon's final write is only visible in the table: ask again.
+        with trio.move_on_after(wait_s):
+            while (done := await stopped()) is None:  # noqa: ASYNC110 - another process
+                await trio.sleep(REMOTE_CANCEL_POLL_S / 4)
+            return done
+        refreshed = await self.get_job(job_id)
+        assert refreshed is not None
+        return refreshed
+
+    async def get_job(self, job_id: int) -> dict[str, Any] | None:
+        row = await self.store.get(job_id)
+        return None if row is None else job_json(row)
+
+    async def list_jobs(
+        self, *, kind: str | None, statuses: list[str] | None, before_id: int | None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        rows = await self.store.list(kind=kind, statuses=statuses, before_id=before_id,
+                                     limit=limit)
+        return [job_json(row) for row in rows]

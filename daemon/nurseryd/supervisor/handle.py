@@ -1,0 +1,111 @@
+"""A job this process holds in memory, and the context its kind runs with."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..db import jobs as jobsdb
+from ..kinds.base import JobKind
+from ..lifecycle import StopReason
+from ..store.base import Row
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..db import Database
+
+
+@dataclass(eq=False)
+class JobHandle:
+    """A job this process holds, from acceptance to its final write."""
+
+    id: int
+    kind: JobKind
+    params: dict[str, Any]
+    timeout_s: float
+    attempts: int
+    checkpoint: Any
+    total: int | None
+    processed: int
+    failed: int
+    #: The job's own cancel scope: its deadline is the timeout, set when it starts.
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    stop_reason: StopReason | None = None
+    running: bool = False
+    finished: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    cancel_requested_at: Any = None
+    #: The kind commits its checkpoint and processed/failed with its own data
+    #: (``commit_progress``): progress flushes and the final write leave them alone,
+    #: so a write in flight never lands a stale count after a newer batch committed.
+    commits_own_progress: bool = False
+    #: The row as the final status write left it (None if it was not written).
+    final_row: Row | None = None
+
+    @classmethod
+    def from_row(cls, row: Row, kind: JobKind) -> JobHandle:
+        return cls(
+            id=row["id"], kind=kind, params=row["params"], timeout_s=row["timeout_s"],
+            attempts=row["attempts"], checkpoint=row["checkpoint"], total=row["total"],
+            processed=row["processed"], failed=row["failed"],
+        )
+
+    def stop(self, reason: StopReason) -> None:
+        """Cancel the job's scope; the first reason given is the one that counts."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.scope.cancel()
+
+
+class RunningJob:
+    """The :class:`~nurseryd.kinds.base.JobContext` handed to a running kind."""
+
+    def __init__(
+        self,
+        handle: JobHandle,
+        *,
+        owner: str,
+        db: Database,
+        settings: Settings,
+        progressed: Callable[[JobHandle], None],
+        save_checkpoint: Callable[[JobHandle], Awaitable[None]],
+    ) -> None:
+        self._handle = handle
+        self._owner = owner
+        self._progressed = progressed
+        self._save_checkpoint = save_checkpoint
+        self.job_id = handle.id
+        self.kind = handle.kind.name
+        self.params = handle.params
+        self.checkpoint = handle.checkpoint
+        self.attempts = handle.attempts
+        self.db = db
+        self.settings = settings
+
+    def report(
+        self, *, total: int | None = None, processed: int | None = None, failed: int | None = None
+    ) -> None:
+        if total is not None:
+            self._handle.total = total
+        if processed is not None:
+            self._handle.processed = processed
+        if failed is not None:
+            self._handle.failed = failed
+        self._progressed(self._handle)
+
+    async def save_checkpoint(self, checkpoint: Any) -> None:
+        self.checkpoint = self._handle.checkpoint = checkpoint
+        await self._save_checkpoint(self._handle)
+
+    async def commit_progress(
+        self, conn: Any, checkpoint: Any, *, processed: int, failed: int
+    ) -> None:
+        self._handle.commits_own_progress = True
+        await jobsdb.commit_progress_in(conn, self.job_id, self._owner, self._handle.attempts,
+                                        checkpoint, processed, failed)
+
+    def set_result(self, result: Any) -> None:
+        self._handle.result = result

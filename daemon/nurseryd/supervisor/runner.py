@@ -1,0 +1,216 @@
+"""Running one job: limiter, start, the kind, and the final status write.
+
+The lifecycle decides, the runner acts: the start and the ending are
+:class:`~nurseryd.store.base.Transition` s guarded by this daemon's claim
+(owner and attempt), so an attempt that lost its claim changes nothing.
+
+Every status write here is shielded, so the cancellation that ended the job
+cannot also eat its status, and bounded, so a hung database cannot hang the
+shutdown (the job then stays ``running`` in the table and is recovered at the
+next start, which is the crash path and is safe).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import lifecycle
+from ..batching import GroupCommitter
+from ..errors import LostClaim
+from ..lifecycle import Event, Status, StopReason
+from ..store.base import Change, Progress, Row, Transition, now
+from .handle import JobHandle, RunningJob
+from .intake import Intake
+from .watchers import ProgressFlusher
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..db import Database
+
+log = logging.getLogger("nurseryd.supervisor")
+
+#: A status write (start or final) gives up after this long: see the module docstring.
+STATUS_WRITE_TIMEOUT_S = 10.0
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        owner: str,
+        db: Database,
+        settings: Settings,
+        writer: GroupCommitter[Change, Row | None],
+        intake: Intake,
+        registry: MutableMapping[int, JobHandle],
+        progress: ProgressFlusher,
+        is_draining: Callable[[], bool],
+    ) -> None:
+        self.owner = owner
+        self._db = db
+        self._settings = settings
+        self._writer = writer
+        self._intake = intake
+        self._registry = registry
+        self._progress = progress
+        self._is_draining = is_draining
+        self._limiters: dict[str, trio.CapacityLimiter] = {}
+        self.running = 0
+        self._job_ended = trio.Event()
+
+    async def wait_job_ended(self) -> None:
+        await self._job_ended.wait()
+
+    def _limiter(self, kind: str) -> trio.CapacityLimiter:
+        if kind not in self._limiters:
+            self._limiters[kind] = trio.CapacityLimiter(self._settings.limits(kind).concurrency)
+        return self._limiters[kind]
+
+    async def run(self, handle: JobHandle) -> None:
+        """The job's task in the job nursery: from waiting for a slot to its final write."""
+        raised: Exception | None = None
+        started = returned = released = False
+        try:
+            with handle.scope:
+                if self._is_draining():
+                    handle.stop(StopReason.SHUTDOWN)
+                async with self._limiter(handle.kind.name):
+                    if self._is_draining():
+                        handle.stop(StopReason.SHUTDOWN)
+                        await trio.lowlevel.checkpoint()
+                    self._intake.release()
+                    released = True
+                    started = await self._start(handle)
+                    if started:
+                        try:
+                            await handle.kind.run(self._context(handle))
+                            returned = True
+                        except Exception as error:  # a kind's failure is the job's, not ours
+                            raised = error
+        finally:
+            if not released:
+                self._intake.release()
+            if started:
+                self.running -= 1
+                handle.running = False
+            try:
+                await self._write_final(handle, started, returned, raised)
+            finally:
+                self._registry.pop(handle.id, None)
+                handle.finished.set()
+                self._job_ended.set()
+                self._job_ended = trio.Event()
+
+    def _context(self, handle: JobHandle) -> RunningJob:
+        async def save_checkpoint(handle: JobHandle) -> None:
+            await self._writer.submit(Progress(handle.id, {
+                "checkpoint": handle.checkpoint, "total": handle.total,
+                "processed": handle.processed, "failed": handle.failed,
+            }, owner=self.owner, attempt=handle.attempts))
+
+        return RunningJob(handle, owner=self.owner, db=self._db, settings=self._settings,
+                          progressed=self._progress.mark, save_checkpoint=save_checkpoint)
+
+    async def _write(self, change: Change) -> Row | None:
+        """Shielded and bounded; ``None`` if the guard refused it or it timed out."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + STATUS_WRITE_TIMEOUT_S
+            return await self._writer.submit(change)
+        log.error("job %d: status write (%s) timed out after %g s; the job is recovered"
+                  " at the next start", change.job_id,
+                  getattr(change, "event", "progress"), STATUS_WRITE_TIMEOUT_S)
+        return None
+
+    async def _start(self, handle: JobHandle) -> bool:
+        """The ``start`` transition; the job runs only if it committed."""
+        attempt = handle.attempts + 1
+        try:
+            row = await self._write(Transition(handle.id, Event.START, {
+                "started_at": now(), "attempts": attempt, "owner": self.owner, "error": None,
+            }, owner=self.owner, attempt=handle.attempts))
+        except Exception as error:
+            log.error("job %d: could not be started (%s); it stays queued", handle.id, error)
+            return False
+        if row is None:
+            log.warning("job %d: not started: its row is no longer queued for this daemon",
+                        handle.id)
+            return False
+        handle.attempts = attempt
+        handle.running = True
+        self.running += 1
+        handle.scope.deadline = trio.current_time() + handle.timeout_s
+        return True
+
+    async def _write_final(
+        self, handle: JobHandle, started: bool, returned: bool, raised: Exception | None
+    ) -> None:
+        transition = self._final_transition(handle, started, returned, raised)
+        if transition is None:
+            return
+        if transition.event is Event.FAIL:
+            log.warning("job %d (%s) failed: %s", handle.id, handle.kind.name,
+                        transition.values.get("error"))
+        try:
+            handle.final_row = await self._write(transition)
+        except Exception as error:
+            log.error("job %d: final status %s not written (%s); it will be recovered at the"
+                      " next start", handle.id, transition.event.value, error)
+            return
+        if handle.final_row is None and started:
+            log.warning("job %d: final status not written: this attempt no longer holds it",
+                        handle.id)
+
+    def _final_transition(
+        self, handle: JobHandle, started: bool, returned: bool, raised: Exception | None
+    ) -> Transition | None:
+        """What the lifecycle says this ending is, as a guarded transition (or nothing)."""
+        if isinstance(raised, LostClaim):
+            log.warning("%s; stopped", raised)
+            return None
+        if not started:
+            if handle.stop_reason is not StopReason.CANCEL:
+                return None  # shutdown (or a failed start) before it ran: it stays queued
+            event = Event.CANCEL
+        elif not (returned or raised or handle.scope.cancelled_caught):
+            # Cancelled from outside its own scope: the supervisor itself is being
+            # torn down. Treat it like a shutdown so the job runs again.
+            event = Event.INTERRUPT
+        else:
+            event = lifecycle.event_for_ending(
+                raised=raised is not None,
+                cancelled=handle.scope.cancelled_caught,
+                reason=handle.stop_reason,
+            )
+        target = lifecycle.target_of(event)
+        values: dict[str, Any] = {
+            "total": handle.total, "processed": handle.processed, "failed": handle.failed,
+            "result": handle.result, "checkpoint": handle.checkpoint,
+            "error": _error_text(event, handle, raised),
+            "finished_at": None if target is Status.QUEUED else now(),
+        }
+        if handle.commits_own_progress:  # committed with the kind's data, by the kind
+            for name in ("processed", "failed", "checkpoint"):
+                del values[name]
+        if handle.cancel_requested_at is not None:
+            values["cancel_requested_at"] = handle.cancel_requested_at
+        if target is Status.QUEUED:
+            del values["result"]
+        if not started:  # a queued job, cancelled before it ran: only this daemon holds it
+            return Transition(handle.id, event, values, owner=self.owner)
+        return Transition(handle.id, event, values, owner=self.owner, attempt=handle.attempts)
+
+
+def _error_text(event: Event, handle: JobHandle, raised: Exception | None) -> str | None:
+    if event is Event.TIME_OUT:
+        return f"timed out after {handle.timeout_s:g} s (the job's time limit)"
+    if event is Event.CANCEL:
+        return "cancelled on request"
+    if event is Event.INTERRUPT:
+        return None
+    if raised is not None:
+        return str(raised) or type(raised).__name__
+    return None

@@ -1,0 +1,232 @@
+"""The supervisor's subtle paths on the in-memory job store, under trio's MockClock.
+
+No PostgreSQL, no HTTP: the supervisor runs on :class:`MemoryJobStore`, which
+keeps the same rules as the real store (lifecycle transitions, guards by owner
+and attempt), and the ``autojump_clock`` fixture makes grace periods and
+timeouts take no real time. Each test asserts what the job's row ends up as.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from nurseryd.config import KindLimits, load_settings
+from nurseryd.errors import Draining, QueueFull
+from nurseryd.kinds.base import JobContext, JobKind, KindRegistry
+from nurseryd.store.memory import MemoryJobStore
+from nurseryd.supervisor import Supervisor
+
+OWNER = "test-host:1:owner"
+#: Events the "gate" kind waits on, by the job's ``name`` parameter.
+GATES: dict[str, trio.Event] = {}
+STARTED: dict[str, trio.Event] = {}
+
+
+async def _nap(ctx: JobContext) -> None:
+    ctx.report(total=1, processed=0)
+    await trio.sleep(float(ctx.params["seconds"]))
+    ctx.report(processed=1)
+    ctx.set_result({"slept": ctx.params["seconds"]})
+
+
+async def _gate(ctx: JobContext) -> None:
+    STARTED.setdefault(ctx.params["name"], trio.Event()).set()
+    await GATES.setdefault(ctx.params["name"], trio.Event()).wait()
+
+
+def _any_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(params)
+
+
+def _kinds() -> KindRegistry:
+    registry = KindRegistry()
+    registry.add(JobKind("nap", _nap, _any_params))
+    registry.add(JobKind("gate", _gate, _any_params))
+    return registry
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gates() -> None:
+    GATES.clear()
+    STARTED.clear()
+
+
+@asynccontextmanager
+async def supervisor(
+    store: MemoryJobStore | None = None, *, grace: float = 20.0, queue_size: int = 100,
+    concurrency: int = 10,
+) -> AsyncIterator[tuple[Supervisor, MemoryJobStore]]:
+    store = store or MemoryJobStore()
+    base = load_settings(None, environ={})
+    limits = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=concurrency)
+    settings = dataclasses.replace(base, shutdown_grace=grace, queue_size=queue_size,
+                                   kinds={"nap": limits, "gate": limits})
+    sup = Supervisor(None, settings, _kinds(), OWNER, store=store)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        try:
+            yield sup, store
+        finally:  # a failing test must not leave the supervisor running
+            sup.request_stop()
+            sup.request_stop()
+
+
+async def until_status(store: MemoryJobStore, job_id: int, status: str) -> dict[str, Any]:
+    """Wait for the row to reach ``status``, woken by every committed change."""
+    changed = trio.Event()
+    unsubscribe = store.feed.subscribe(lambda _: changed.set())
+    try:
+        while store.rows[job_id]["status"] != status:
+            await changed.wait()
+            changed = trio.Event()
+    finally:
+        unsubscribe()
+    return store.rows[job_id]
+
+
+async def test_a_job_runs_to_completion_through_the_transitions(autojump_clock: Any) -> None:
+    async with supervisor() as (sup, store):
+        seen: list[str | None] = []
+        store.feed.subscribe(lambda change: seen.append(
+            change.event.value if change.event else None))
+        job = await sup.submit("nap", {"seconds": 30})
+        row = await until_status(store, job["id"], "completed")
+    assert (row["attempts"], row["processed"], row["total"], row["result"]) == \
+        (1, 1, 1, {"slept": 30})
+    assert row["owner"] == OWNER and row["finished_at"] is not None
+    assert seen == [None, "start", "complete"]
+
+
+async def test_grace_expiry_interrupts_the_job_back_to_queued(autojump_clock: Any) -> None:
+    async with supervisor(grace=20) as (sup, store):
+        short = await sup.submit("nap", {"seconds": 15})  # ends within the grace
+        long = await sup.submit("nap", {"seconds": 60})   # does not
+        await until_status(store, long["id"], "running")
+        start = trio.current_time()
+        sup.request_stop()
+        with pytest.raises(Draining):
+            await sup.submit("nap", {"seconds": 1})
+        await until_status(store, long["id"], "queued")
+        assert trio.current_time() - start == pytest.approx(20, abs=0.5)
+    assert store.rows[short["id"]]["status"] == "completed"
+    interrupted = store.rows[long["id"]]
+    assert (interrupted["attempts"], interrupted["error"], interrupted["finished_at"]) == \
+        (1, None, None)
+    assert len(store.rows) == 2  # the refused submission recorded nothing
+
+
+async def test_a_second_stop_request_ends_the_grace_at_once(autojump_clock: Any) -> None:
+    async with supervisor(grace=300) as (sup, store):
+        job = await sup.submit("nap", {"seconds": 3600})
+        await until_status(store, job["id"], "running")
+        start = trio.current_time()
+        sup.request_stop()
+        await trio.sleep(1)
+        assert store.rows[job["id"]]["status"] == "running"  # still in its grace
+        sup.request_stop()
+        await until_status(store, job["id"], "queued")
+        assert trio.current_time() - start < 2
+
+
+async def test_a_full_queue_refuses_before_recording(autojump_clock: Any) -> None:
+    async with supervisor(queue_size=2, concurrency=1) as (sup, store):
+        first = await sup.submit("gate", {"name": "a"})
+        await STARTED.setdefault("a", trio.Event()).wait()  # running: its slot is free again
+        waiting = [await sup.submit("gate", {"name": name}) for name in ("b", "c")]
+        with pytest.raises(QueueFull):
+            await sup.submit("gate", {"name": "d"})
+        assert len(store.rows) == 3
+        assert sup.statistics().queued == 2 and sup.statistics().running == 1
+        GATES.setdefault("a", trio.Event()).set()
+        await until_status(store, first["id"], "completed")
+        await STARTED.setdefault("b", trio.Event()).wait()
+        # One slot free again: the next submission is accepted.
+        await sup.submit("gate", {"name": "e"})
+        for name in "bce":
+            GATES.setdefault(name, trio.Event()).set()
+        for job in waiting:
+            await until_status(store, job["id"], "completed")
+
+
+async def test_cancel_during_the_backlog_load_cancels_once_and_never_starts(
+    autojump_clock: Any,
+) -> None:
+    store = MemoryJobStore()
+    # Jobs left queued by an earlier run of this owner's predecessor (a dead owner).
+    for name in ("x", "y"):
+        await store.insert([_new_job(name)])
+    slow_load = store.gates["queued_for"] = trio.Event()  # the backlog load waits
+    async with trio.open_nursery() as nursery:
+        async with supervisor(store) as (sup, _):
+            pass_through = trio.Event()
+
+            async def cancel_x() -> None:
+                job = await sup.cancel(1)
+                assert job["status"] == "cancelled"
+                pass_through.set()
+
+            nursery.start_soon(cancel_x)
+            await trio.sleep(1)
+            assert store.rows[1]["status"] == "queued"  # the cancel waits for the load
+            slow_load.set()
+            await pass_through.wait()
+            await until_status(store, 2, "completed")
+    assert store.rows[1]["status"] == "cancelled"
+    assert store.rows[1]["attempts"] == 0  # never started
+    assert store.rows[1]["error"] == "cancelled on request"
+
+
+def _new_job(name: str) -> Any:
+    from nurseryd.store.base import NewJob
+
+    GATES.setdefault(name, trio.Event()).set()
+    return NewJob("gate", {"name": name}, 60.0, "dead-host:9:gone")
+
+
+async def test_cancel_racing_the_final_write_keeps_the_real_ending(autojump_clock: Any) -> None:
+    async with supervisor() as (sup, store):
+        job = await sup.submit("gate", {"name": "a"})
+        await STARTED.setdefault("a", trio.Event()).wait()
+        slow_write = store.gates["apply"] = trio.Event()  # the final write waits
+        GATES.setdefault("a", trio.Event()).set()
+        await trio.sleep(0.1)  # the job returned; its final write is in flight
+        async with trio.open_nursery() as nursery:
+            answers: list[dict[str, Any]] = []
+
+            async def cancel() -> None:
+                answers.append(await sup.cancel(job["id"]))
+
+            nursery.start_soon(cancel)
+            await trio.sleep(0.1)
+            slow_write.set()
+        assert answers[0]["status"] == "completed"
+    assert store.rows[job["id"]]["status"] == "completed"
+    assert store.rows[job["id"]]["error"] is None
+
+
+async def test_a_lost_claim_writes_nothing(autojump_clock: Any) -> None:
+    """Another daemon took the row (it adopted it): this attempt's writes are refused."""
+    async with supervisor() as (sup, store):
+        job = await sup.submit("gate", {"name": "a"})
+        await STARTED.setdefault("a", trio.Event()).wait()
+        store.rows[job["id"]].update(owner="other-daemon", status="running", attempts=2)
+        GATES["a"].set()
+        await trio.sleep(1)
+        assert sup.statistics().held == 0
+    row = store.rows[job["id"]]
+    assert (row["owner"], row["status"], row["attempts"]) == ("other-daemon", "running", 2)
+
+
+async def test_a_timeout_is_the_jobs_own_cancel_scope(autojump_clock: Any) -> None:
+    async with supervisor() as (sup, store):
+        job = await sup.submit("nap", {"seconds": 100}, timeout_s=5)
+        start = trio.current_time()
+        row = await until_status(store, job["id"], "timed_out")
+        assert trio.current_time() - start == pytest.approx(5, abs=0.5)
+    assert row["error"] == "timed out after 5 s (the job's time limit)"
