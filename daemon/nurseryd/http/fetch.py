@@ -14,8 +14,9 @@ from typing import Any
 
 from quart import Blueprint, Response, request
 
+from ..db import jobs as jobsdb
+from ..db.fetch_sources import source_states
 from ..kinds.fetch import fetch_config, submit_fetch
-from ..kinds.fetch.store import active_fetch_id, latest_fetch_id, source_states
 from ..lifecycle import Status
 from ..services import Services
 from ..supervisor import JobAlreadyFinished, JobConflict, JobNotFound
@@ -44,7 +45,7 @@ def _replace_arg() -> bool:
 
 async def _conflict(services: Services, *, replacing: bool) -> Problem:
     """409 naming the active fetch (looked up now: the index only said "there is one")."""
-    active_id = await active_fetch_id(services.db)
+    active_id = await jobsdb.active_job_id(services.db, "fetch")
     job = None if active_id is None else await services.supervisor.get_job(active_id)
     if job is None:  # it ended between the refusal and this lookup
         return Problem(409, "a fetch was active a moment ago and has just ended; retry now",
@@ -71,7 +72,7 @@ async def start_fetch() -> Response:
         raise Problem(409, "no fetch sources are configured; add [[fetch.sources]] to the "
                       "config file (see docs/fetch.md) and restart", title="Nothing to fetch")
     if replace:
-        active_id = await active_fetch_id(services.db)
+        active_id = await jobsdb.active_job_id(services.db, "fetch")
         if active_id is not None:
             try:
                 await services.supervisor.cancel(active_id)
@@ -87,7 +88,7 @@ async def start_fetch() -> Response:
 @blueprint.post("/fetch/cancel")
 async def cancel_fetch() -> Response:
     services = get_services()
-    active_id = await active_fetch_id(services.db)
+    active_id = await jobsdb.active_job_id(services.db, "fetch")
     if active_id is None:
         raise Problem(404, "no fetch is queued or running; start one with POST /fetch",
                       title="No active fetch")
@@ -106,7 +107,8 @@ async def fetch_status() -> Response:
     source with what the last fetches recorded about it."""
     services = get_services()
     config = fetch_config(services)
-    job_id = await active_fetch_id(services.db) or await latest_fetch_id(services.db)
+    job_id = (await jobsdb.active_job_id(services.db, "fetch")
+              or await jobsdb.latest_job_id(services.db, "fetch"))
     job = None if job_id is None else await services.supervisor.get_job(job_id)
     states = await source_states(services.db)
     sources = []

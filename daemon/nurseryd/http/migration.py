@@ -13,6 +13,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
+from ..db import rejects as rejectsdb
 from ..kinds.migrate.job import ExcelImportParams
 from ..kinds.migrate.targets import configured_targets, migration_settings
 from ..kinds.migrate.uploads_dir import new_upload_paths
@@ -96,10 +97,7 @@ async def list_rejects(job_id: str) -> Response:
                       field=unknown[0])
     limit = int_arg("limit", DEFAULT_REJECTS_PAGE, 1, MAX_REJECTS_PAGE)
     after = int_arg("after", 0, 0, 2**63 - 1)
-    rows = await get_services().db.fetch(
-        "SELECT row_number, column_name, reason, raw FROM migration_rejects"
-        " WHERE job_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3",
-        job["id"], after, limit)
+    rows = await rejectsdb.page(get_services().db, job["id"], after, limit)
     rejects = [{"row": row["row_number"], "column": row["column_name"],
                 "reason": row["reason"], "values": row["raw"]} for row in rows]
     next_url = None

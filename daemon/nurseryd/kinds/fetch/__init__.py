@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ...db import jobs as jobsdb
 from ..base import JobKind
 from .config import FetchConfig, parse_fetch_section
 from .job import parse_fetch_params, run_fetch
@@ -45,10 +46,7 @@ async def submit_fetch(services: Services, trigger: str) -> dict[str, Any]:
 
 
 async def seconds_since_last_fetch(services: Services) -> float | None:
-    return await services.db.fetchval(
-        "SELECT extract(epoch FROM now() - max(created_at))::float8 FROM jobs"
-        " WHERE kind = 'fetch'"
-    )
+    return await jobsdb.seconds_since_latest(services.db, "fetch")
 
 
 async def scheduled_tick(services: Services) -> dict[str, Any] | None:

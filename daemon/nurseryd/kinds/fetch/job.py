@@ -23,11 +23,12 @@ from typing import Any
 import httpx
 import trio
 
+from ...db.fetch_sources import Validators, load_validators, save_source_state
+from ...db.items import UpsertCounts, upsert_items
 from ..base import JobContext, JobFailed, ParamError, parser, refuse_unknown
 from .client import FetchError, RetryPolicy, get_page, open_client
 from .config import FetchConfig, SourceConfig
 from .parse import MAX_NOTES, ParseError, parse_page
-from .store import UpsertCounts, Validators, load_validators, save_source_state, upsert_items
 
 log = logging.getLogger("nurseryd.fetch")
 
@@ -229,7 +230,8 @@ class FetchRun:
             outcome.note(parsed.notes)
             self.progress.report()
             for batch in chunks(parsed.items, batch_size):
-                outcome.add_counts(await upsert_items(db, source.name, batch))
+                rows = [item.row_json for item in batch]
+                outcome.add_counts(await upsert_items(db, source.name, rows))
                 self.progress.report()
             url = parsed.next_url
             if url in visited:

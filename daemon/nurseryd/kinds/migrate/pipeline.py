@@ -22,7 +22,6 @@ updated / unchanged.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from typing import Any
 import asyncpg
 import trio
 
+from ...db import rejects as rejectsdb
+from ...db.quoting import quote_ident
 from ..base import JobContext, JobFailed
 from .coerce import RejectRecord
 from .sources.base import Header, Source, SourceBatch, SourceError, SourceEvent, Total
@@ -73,10 +74,6 @@ class Counters:
         return cls(**{name: int(checkpoint.get(name) or 0) for name in COUNTER_NAMES})
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 @dataclass(frozen=True)
 class LoadPlan:
     """The SQL for one target and one set of source columns (built once per job)."""
@@ -91,15 +88,15 @@ class LoadPlan:
 
     @classmethod
     def build(cls, target: Target, columns: Sequence[str], timezone: str) -> LoadPlan:
-        column_list = ", ".join(_quote(c) for c in columns)
+        column_list = ", ".join(quote_ident(c) for c in columns)
         key = [c for c in target.key]
         others = [c for c in columns if c not in key]
         create_stage = (f"CREATE TEMP TABLE {STAGE_TABLE} ON COMMIT DROP AS "
                         f"SELECT {column_list} FROM {target.quoted_table} WITH NO DATA")
         if others:
-            sets = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in others)
-            mine = ", ".join(f"t.{_quote(c)}" for c in others)
-            theirs = ", ".join(f"EXCLUDED.{_quote(c)}" for c in others)
+            sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
+            mine = ", ".join(f"t.{quote_ident(c)}" for c in others)
+            theirs = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in others)
             if len(others) == 1:
                 mine, theirs = f"ROW({mine})", f"ROW({theirs})"
             else:
@@ -110,7 +107,7 @@ class LoadPlan:
         upsert = (
             f"WITH up AS (INSERT INTO {target.quoted_table} AS t ({column_list}) "
             f"SELECT {column_list} FROM {STAGE_TABLE} "
-            f"ON CONFLICT ({', '.join(_quote(c) for c in key)}) {conflict} "
+            f"ON CONFLICT ({', '.join(quote_ident(c) for c in key)}) {conflict} "
             f"RETURNING (xmax = 0) AS inserted) "
             f"SELECT count(*) FILTER (WHERE inserted) AS inserted, "
             f"count(*) FILTER (WHERE NOT inserted) AS updated FROM up")
@@ -119,19 +116,17 @@ class LoadPlan:
         return cls(tuple(columns), create_stage, upsert, timezone, schema, table, is_empty)
 
 
-async def _slices(payload: bytes | memoryview) -> AsyncIterator[bytes]:
+async def copy_slices(payload: bytes | memoryview) -> AsyncIterator[bytes]:
+    """The COPY feeder: ``payload`` in :data:`COPY_SLICE` slices, yielding in between.
+
+    Each yield gives the event loop's other tasks (HTTP requests, heartbeats, a
+    cancellation) a turn, so one large batch never freezes the loop, and a cancel
+    lands within a slice; the batch's transaction then rolls back.
+    """
     view = memoryview(payload)
     for start in range(0, len(view), COPY_SLICE):
         yield bytes(view[start:start + COPY_SLICE])
         await asyncio.sleep(0)
-
-
-_INSERT_REJECTS = (
-    "INSERT INTO migration_rejects (job_id, row_number, column_name, reason, raw) "
-    "SELECT $1, r.row_number, r.column_name, r.reason, r.raw::jsonb "
-    "FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[]) "
-    "AS r(row_number, column_name, reason, raw) "
-    "ON CONFLICT (job_id, row_number) DO NOTHING")
 
 
 @dataclass
@@ -155,13 +150,13 @@ async def _write_rows(conn: asyncpg.Connection, plan: LoadPlan, payload: bytes |
         try:
             async with conn.transaction():  # a savepoint
                 await conn.copy_to_table(plan.table, schema_name=plan.schema,
-                                         source=_slices(payload), columns=list(plan.columns),
+                                         source=copy_slices(payload), columns=list(plan.columns),
                                          format="text")
             return written, 0
         except asyncpg.UniqueViolationError:
             mode.direct = False
     await conn.execute(plan.create_stage)
-    await conn.copy_to_table(STAGE_TABLE, source=_slices(payload), columns=list(plan.columns),
+    await conn.copy_to_table(STAGE_TABLE, source=copy_slices(payload), columns=list(plan.columns),
                              format="text")
     row = await conn.fetchrow(plan.upsert)
     return int(row["inserted"]), int(row["updated"])
@@ -199,12 +194,7 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, ctx: JobContext,
                                                                   part.written, mode)
                     inserted += one_inserted
                     updated += one_updated
-    if batch.rejects:
-        await conn.execute(
-            _INSERT_REJECTS, ctx.job_id,
-            [r.row_number for r in batch.rejects], [r.column for r in batch.rejects],
-            [r.reason for r in batch.rejects],
-            [json.dumps(r.raw, ensure_ascii=False, default=str) for r in batch.rejects])
+    await rejectsdb.insert_rejects_in(conn, ctx.job_id, batch.rejects)
     good = batch.rows_seen - len(batch.rejects)
     checkpoint = {**checkpoint, "position": batch.position,
                   "processed": checkpoint["processed"] + good,

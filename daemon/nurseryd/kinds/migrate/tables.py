@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncpg
 
 from ...db import Database
+from ...db.quoting import quote_ident
 from .coerce import parse_column_type
 from .targets import Target
 
@@ -21,14 +22,10 @@ class TargetMismatch(RuntimeError):
     """An existing table does not fit its target; ``str()`` is the operator's line."""
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def create_table_sql(target: Target, table_sql: str | None = None) -> str:
-    columns = [f"{_q(c.name)} {parse_column_type(c.type).sql}{'' if c.nullable else ' NOT NULL'}"
-               for c in target.columns]
-    columns.append(f"PRIMARY KEY ({', '.join(_q(k) for k in target.key)})")
+    columns = [f"{quote_ident(c.name)} {parse_column_type(c.type).sql}"
+               f"{'' if c.nullable else ' NOT NULL'}" for c in target.columns]
+    columns.append(f"PRIMARY KEY ({', '.join(quote_ident(k) for k in target.key)})")
     return f"CREATE TABLE {table_sql or target.quoted_table} ({', '.join(columns)})"
 
 
@@ -51,7 +48,7 @@ async def _ensure(conn: asyncpg.Connection, target: Target) -> str:
     schema, table = target.schema_and_table
     exists = await conn.fetchval("SELECT to_regclass($1)", target.quoted_table)
     if exists is None:
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_q(schema)}")
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
         await conn.execute(create_table_sql(target))
         return "created"
     await conn.execute(create_table_sql(target, "pg_temp.nurseryd_probe").replace(

@@ -56,8 +56,11 @@ class Target:
 
     @property
     def quoted_table(self) -> str:
-        schema, table = self.schema_and_table
-        return f'"{schema}"."{table}"'
+        # Imported here: importing nurseryd.db loads asyncpg and trio-asyncio, which
+        # the parser child (it imports this module) must not pay for at start-up.
+        from ...db.quoting import quote_qualified
+
+        return quote_qualified(*self.schema_and_table)
 
     def column(self, name: str) -> ColumnSpec:
         return next(column for column in self.columns if column.name == name)

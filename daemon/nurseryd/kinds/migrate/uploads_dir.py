@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ...db import Database
+from ...db import jobs as jobsdb
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,7 @@ async def sweep_uploads(db: Database, state_dir: Path, *, at_start: bool) -> lis
     directory = uploads_dir(state_dir)
     if not directory.is_dir():
         return []
-    rows = await db.fetch(
-        "SELECT params->>'upload' AS upload FROM jobs WHERE kind = 'migration'"
-        " AND status IN ('queued', 'running') AND params ? 'upload'")
-    needed = {row["upload"] for row in rows}
+    needed = await jobsdb.uploads_in_use(db, "migration")
     now = time.time()
     removed = []
     for path in directory.iterdir():
