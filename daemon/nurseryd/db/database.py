@@ -13,13 +13,19 @@ the connection to the pool before the cancellation reaches Trio.
 
 Code that needs several statements in one transaction (a batch of migrated rows
 plus its checkpoint, say) passes an asyncio coroutine function to :meth:`Database.run`.
+
+A COPY inside such a function is fed from an async iterator, never one big
+buffer: the migration pipeline hands asyncpg its COPY text slice by slice with
+``await asyncio.sleep(0)`` between slices (``copy_slices`` in
+``kinds/migrate/pipeline.py``), so the event loop and cancellation keep working
+during a copy, and a cancel rolls the copy back with its transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
 
@@ -30,9 +36,6 @@ import trio_asyncio
 T = TypeVar("T")
 P = ParamSpec("P")
 
-#: How many rows a COPY feeder hands over before yielding to the event loop.
-COPY_YIELD_EVERY = 1000
-
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     """Decode json/jsonb as Python values, so callers never see JSON text."""
@@ -40,22 +43,6 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await conn.set_type_codec(
             typename, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
         )
-
-
-async def iterate_with_yields(
-    records: Iterable[Sequence[Any]], every: int = COPY_YIELD_EVERY
-) -> AsyncIterator[Sequence[Any]]:
-    """Feed ``copy_records_to_table`` without freezing the event loop.
-
-    Given a plain list, asyncpg encodes and sends the whole COPY without a single
-    await, so the loop (and every HTTP request, and cancellation) stalls for the
-    whole copy. An async iterator that yields control every ``every`` rows keeps
-    the loop responsive and lets a cancellation land within one chunk.
-    """
-    for index, record in enumerate(records, 1):
-        yield record
-        if index % every == 0:
-            await asyncio.sleep(0)
 
 
 class Database:
