@@ -30,17 +30,21 @@ from typing import Any
 import httpx
 import trio
 
-from nurseryd import features
 from nurseryd.config import Settings, load_settings
+from nurseryd.features import FEATURES
 from nurseryd.root import serve
 from nurseryd.services import Services
 from tests.polling import eventually
 
 
 def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test daemon: random port, the test's database and state dir."""
-    features.job_kinds()  # registers feature config sections
-    base = load_settings(None, environ={})
+    """Settings for a test daemon: random port, the test's database and state dir.
+
+    ``sections=`` replaces only the sections it names; the others keep their defaults.
+    """
+    base = load_settings(None, environ={}, features=FEATURES)
+    if "sections" in overrides:
+        overrides["sections"] = {**base.sections, **overrides["sections"]}
     return dataclasses.replace(
         base, bind_host="127.0.0.1", bind_port=0, database_url=database_url,
         state_dir=state_dir, **overrides,

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nurseryd import features
-from nurseryd.config import Settings, load_settings
+from nurseryd.config import Settings, load_settings, sections_of
 from nurseryd.db import Database
+from nurseryd.features import FEATURES
 from tests.job_context import RecordingContext
 
 SQLITE_SCHEMA = """
@@ -87,20 +87,16 @@ def pg_fill_sql() -> tuple[str, str]:
 
 def settings_with(base: Settings, toml: str) -> Settings:
     """``base`` with the feature sections parsed from ``toml`` (as the daemon would)."""
-    features.job_kinds()  # registers the feature sections
-    from nurseryd.config import SECTION_VALIDATORS
-
     raw: dict[str, Any] = tomllib.loads(toml)
     sections = dict(base.sections)
-    for name, validate in SECTION_VALIDATORS.items():
+    for name, section in sections_of(FEATURES).items():
         if name in raw:
-            sections[name] = validate(raw[name], raw)
+            sections[name] = section.parse(raw[name], raw)
     return dataclasses.replace(base, sections=sections)
 
 
 def plain_settings(toml: str = "") -> Settings:
-    features.job_kinds()
-    return settings_with(load_settings(None, environ={}), toml)
+    return settings_with(load_settings(None, environ={}, features=FEATURES), toml)
 
 
 def expected_chat(i: int) -> dict[str, Any]:

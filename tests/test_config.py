@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from nurseryd.config import ConfigError, load_settings, parse_duration
+from nurseryd.config import (
+    ConfigError,
+    ConfigSection,
+    SectionNotLoaded,
+    Settings,
+    load_settings,
+    parse_duration,
+)
+from nurseryd.features import FEATURES
+from nurseryd.kinds.fetch.config import FETCH_SECTION, FetchConfig
 
 
 def test_defaults_need_no_file_and_no_database() -> None:
@@ -74,3 +85,55 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 ])
 def test_durations(value, seconds) -> None:
     assert parse_duration("k", value) == seconds
+
+
+@dataclass(frozen=True)
+class _Only:
+    """A feature of nothing but config sections."""
+
+    config_sections: tuple[ConfigSection[Any], ...] = ()
+
+
+def test_every_section_of_the_features_is_parsed_even_when_absent() -> None:
+    settings = load_settings(None, environ={}, features=FEATURES)
+    owned = {section.name for feature in FEATURES for section in feature.config_sections}
+    assert set(settings.sections) == owned
+    fetch = settings.section(FETCH_SECTION)  # typed: FetchConfig
+    assert fetch == FetchConfig() and fetch.sources == ()
+
+
+def test_a_section_that_was_not_loaded_is_an_error_not_a_default(tmp_path: Path) -> None:
+    settings = load_settings(None, environ={}, features=())
+    assert settings.sections == {}
+    with pytest.raises(SectionNotLoaded, match=r"\[fetch\] was not loaded"):
+        settings.section(FETCH_SECTION)
+    with pytest.raises(LookupError):
+        Settings().section("fetch")
+
+
+def test_only_the_features_own_top_level_tables(tmp_path: Path) -> None:
+    config = tmp_path / "n.toml"
+    config.write_text("[fetch]\ninterval = 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, environ={}, features=())
+    assert caught.value.key == "fetch" and "unknown key" in str(caught.value)
+
+    seen: list[Any] = []
+
+    def parse(raw: Any, whole: Any) -> str:
+        seen.append(raw)
+        return "parsed" if raw is not None else "default"
+
+    colour: ConfigSection[str] = ConfigSection("colour", parse, str)
+    config.write_text("[colour]\nhue = 1\n")
+    assert load_settings(config, environ={}, features=[_Only((colour,))]).section(colour) \
+        == "parsed"
+    assert load_settings(None, environ={}, features=[_Only((colour,))]).section(colour) \
+        == "default"
+    assert seen == [{"hue": 1}, None]
+
+
+def test_two_features_may_not_own_one_section() -> None:
+    twice = _Only((FETCH_SECTION,))
+    with pytest.raises(ValueError, match="owned twice"):
+        load_settings(None, environ={}, features=[*FEATURES, twice])

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from nurseryd import features
 from nurseryd.config import ConfigError, load_settings
-from nurseryd.kinds.migrate.targets import CHATS_TARGET, MigrationSettings
-
-features.job_kinds()  # registers the feature sections
+from nurseryd.kinds.migrate.targets import (
+    CHATS_TARGET,
+    MIGRATION_SECTION,
+    TARGETS_SECTION,
+    MigrationSettings,
+)
 
 
 def settings_from(tmp_path: Path, text: str):
@@ -21,8 +23,8 @@ def settings_from(tmp_path: Path, text: str):
 
 def test_defaults_without_a_config_file() -> None:
     settings = load_settings(None, environ={})
-    assert settings.section("targets")["chats"] == CHATS_TARGET
-    migration = settings.section("migration")
+    assert settings.section(TARGETS_SECTION)["chats"] == CHATS_TARGET
+    migration = settings.section(MIGRATION_SECTION)
     assert migration == MigrationSettings()
     assert migration.max_upload_bytes == 200 * 1024**2 and migration.default_target == "chats"
 
@@ -43,13 +45,13 @@ columns = [
   { name = "amount", type = "numeric(12,2)", nullable = false },
 ]
 """)
-    orders = settings.section("targets")["orders"]
+    orders = settings.section(TARGETS_SECTION)["orders"]
     assert orders.schema_and_table == ("sales", "orders") and orders.key == ("order_id",)
     assert orders.columns[0].key and not orders.columns[0].nullable  # keys are NOT NULL
     assert orders.columns[0].aliases == ("Номер заказа",)
-    migration = settings.section("migration")
+    migration = settings.section(MIGRATION_SECTION)
     assert migration.memory_budget_bytes == 512 * 1024**2 and migration.caps.max_ratio == 100
-    assert "chats" in settings.section("targets")  # built-ins stay
+    assert "chats" in settings.section(TARGETS_SECTION)  # built-ins stay
 
 
 @pytest.mark.parametrize("text,key,says", [

@@ -6,19 +6,18 @@ import argparse
 import logging
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import trio
 
-from .config import ConfigError, Settings, load_settings
+from .config import Settings, load_settings
+from .errors import ConfigError, StartupError
+from .features import FEATURES
 
 
 def _load(path: str | None) -> Settings:
-    # Importing the features registers their config sections before validation.
-    from . import features
-
-    features.job_kinds()
-    return load_settings(Path(path) if path else None)
+    return load_settings(Path(path) if path else None, features=FEATURES)
 
 
 def _configure_logging(level: str) -> None:
@@ -59,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     _configure_logging(settings.log_level)
-    from .features import StartupError
     from .root import serve
 
     try:
-        trio.run(serve, settings)
+        trio.run(partial(serve, settings, features=FEATURES))
     except BaseException as error:  # noqa: BLE001 - inspected, and re-raised unless known
         startup = _find(error, StartupError)
         if startup is not None:

@@ -5,8 +5,12 @@ later, at 3 a.m., inside a job. Here a wrong value stops ``serve`` (and
 ``check-config``) with one line naming the key and what is allowed.
 
 Feature sections (``[fetch]``, ``[targets.*]``, ``[sources.*]``, ...) are parsed
-by their own modules through :data:`SECTION_VALIDATORS`, so this module does not
-grow with every feature, yet every section is checked before the daemon starts.
+by their own modules: each feature lists its :class:`ConfigSection` records and
+:func:`load_settings` is handed the features, so this module does not grow with
+every feature, yet every section is checked before the daemon starts. Parsed
+settings hold every section of the features they were loaded with (an absent
+table gets its section's defaults); asking for any other section raises
+:class:`SectionNotLoaded` rather than quietly answering with defaults.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar, overload
 
 from .errors import ConfigError
 
@@ -41,6 +45,42 @@ BUILTIN_KIND_LIMITS: dict[str, KindLimits] = {
 }
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ConfigSection(Generic[T]):
+    """A top-level TOML table that a feature owns, and how it becomes a ``T``.
+
+    ``parse(raw, whole)`` gets the table (``None`` when the file has none: it then
+    returns the defaults) and the whole raw file (for checks across sections);
+    it raises :class:`ConfigError` naming the dotted key.
+    """
+
+    name: str
+    parse: Callable[[Any, Mapping[str, Any]], T]
+    type: type[T]
+
+
+class HasConfigSections(Protocol):
+    """What :func:`load_settings` needs of a feature."""
+
+    @property
+    def config_sections(self) -> tuple[ConfigSection[Any], ...]: ...
+
+
+class SectionNotLoaded(LookupError):
+    """Settings were asked for a section that the features they were loaded with
+    do not own: a wiring mistake, never a configuration one."""
+
+    def __init__(self, name: str, loaded: Iterable[str]) -> None:
+        loaded = sorted(loaded)
+        super().__init__(f"config section [{name}] was not loaded; loaded: "
+                         f"{', '.join(loaded) or 'none'} (is its feature passed to "
+                         "load_settings?)")
+        self.name = name
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the daemon is configured with."""
@@ -55,7 +95,7 @@ class Settings:
     queue_size: int = 10_000
     log_level: str = "INFO"
     kinds: Mapping[str, KindLimits] = field(default_factory=lambda: dict(BUILTIN_KIND_LIMITS))
-    #: Parsed feature sections, by section name (see SECTION_VALIDATORS).
+    #: Parsed feature sections, by section name (see :class:`ConfigSection`).
     sections: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,21 +105,23 @@ class Settings:
     def limits(self, kind: str) -> KindLimits:
         return self.kinds.get(kind, DEFAULT_KIND_LIMITS)
 
-    def section(self, name: str) -> Any:
-        return self.sections.get(name)
+    @overload
+    def section(self, which: ConfigSection[T]) -> T: ...
 
+    @overload
+    def section(self, which: str) -> Any: ...
 
-#: name -> function(raw TOML table or None, whole raw config) -> parsed value.
-#: Feature modules register here at import time; every validator runs at start.
-SECTION_VALIDATORS: dict[str, Callable[[Any, Mapping[str, Any]], Any]] = {}
+    def section(self, which: ConfigSection[Any] | str) -> Any:
+        """The parsed section; raises :class:`SectionNotLoaded` if it was not loaded.
 
-
-def register_section(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        SECTION_VALIDATORS[name] = fn
-        return fn
-
-    return decorate
+        Prefer passing the :class:`ConfigSection` (the result is typed); a name is
+        accepted for callers that only have the name.
+        """
+        name = which if isinstance(which, str) else which.name
+        try:
+            return self.sections[name]
+        except KeyError:
+            raise SectionNotLoaded(name, self.sections) from None
 
 
 def check_keys(key: str, table: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
@@ -190,10 +232,36 @@ def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
     return limits
 
 
+def _standard_features() -> Iterable[HasConfigSections]:
+    # The only import from above this module: a default for callers (tests, tools)
+    # that load settings for the standard daemon without naming its features.
+    from .features import FEATURES
+
+    return FEATURES
+
+
+def sections_of(features: Iterable[HasConfigSections]) -> dict[str, ConfigSection[Any]]:
+    """The features' sections by name; two features may not own one name."""
+    found: dict[str, ConfigSection[Any]] = {}
+    for feature in features:
+        for section in feature.config_sections:
+            if section.name in found or section.name in _TOP_LEVEL_KEYS:
+                raise ValueError(f"config section [{section.name}] is owned twice")
+            found[section.name] = section
+    return found
+
+
 def load_settings(
-    path: Path | None = None, environ: Mapping[str, str] | None = None
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    features: Iterable[HasConfigSections] | None = None,
 ) -> Settings:
-    """Defaults < TOML file < environment. Raises :class:`ConfigError`."""
+    """Defaults < TOML file < environment. Raises :class:`ConfigError`.
+
+    ``features`` own the feature sections (default: the standard ones); every
+    one of their sections is parsed, present in the file or not.
+    """
+    sections_by_name = sections_of(_standard_features() if features is None else features)
     environ = os.environ if environ is None else environ
     if path is None and environ.get("NURSERYD_CONFIG"):
         path = Path(environ["NURSERYD_CONFIG"])
@@ -203,10 +271,9 @@ def load_settings(
         if env_name in environ:
             core[key] = environ[env_name]
 
-    unknown = [key for key, value in raw.items()
-               if key not in _TOP_LEVEL_KEYS and key not in SECTION_VALIDATORS]
+    unknown = [key for key in raw if key not in _TOP_LEVEL_KEYS and key not in sections_by_name]
     if unknown:
-        allowed = sorted(_TOP_LEVEL_KEYS | set(SECTION_VALIDATORS))
+        allowed = sorted(_TOP_LEVEL_KEYS | set(sections_by_name))
         raise ConfigError(unknown[0], f"unknown key; allowed top-level keys: {', '.join(allowed)}")
 
     host, port = parse_bind("bind", core.get("bind", "127.0.0.1:8084"))
@@ -226,7 +293,13 @@ def load_settings(
     if log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"expected one of {', '.join(sorted(_LOG_LEVELS))}")
 
-    sections = {name: validate(raw.get(name), raw) for name, validate in SECTION_VALIDATORS.items()}
+    sections: dict[str, Any] = {}
+    for name, section in sections_by_name.items():
+        value = section.parse(raw.get(name), raw)
+        if not isinstance(value, section.type):
+            raise TypeError(f"the parser of [{name}] returned {type(value).__name__}, "
+                            f"not {section.type.__name__}")
+        sections[name] = value
     return Settings(
         bind_host=host,
         bind_port=port,

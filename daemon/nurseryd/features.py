@@ -1,67 +1,94 @@
-"""The one place that lists what the daemon can do: job kinds, HTTP blueprints,
-background tasks and start-up preparations. Adding a feature is adding lines here.
+"""The one place that lists what the daemon can do: :data:`FEATURES`.
+
+A feature is a plain record of its job kinds, HTTP blueprints, config sections,
+start-up checks and background tasks. Nothing registers itself by being
+imported: config loading (``load_settings(..., features=FEATURES)``), the app
+factory (``create_app(services, FEATURES)``) and the task tree
+(``root.serve(settings, features=FEATURES)``) are each handed the list. Adding a
+feature is adding one record here.
+
+This module sits above ``http/`` and ``kinds/`` (it imports both) and below
+``root``; neither ``http/`` nor ``kinds/`` imports it (see tests/test_layering.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from quart import Blueprint
 
-from .errors import StartupError  # noqa: F401  (re-exported)
+from .config import ConfigSection
+from .http.fetch import blueprint as fetch_blueprint
+from .http.migration import blueprint as migration_blueprint
+from .http.migration_sources import blueprint as migration_sources_blueprint
 from .kinds.base import JobKind, KindRegistry
+from .kinds.fetch import FETCH_KIND, FETCH_SECTION, run_fetch_schedule
+from .kinds.migrate import MIGRATION_KIND, prepare_targets, sweep_uploads_periodically
+from .kinds.migrate.source_config import GOOGLE_SHEETS_SECTION, SOURCES_SECTION
+from .kinds.migrate.targets import MIGRATION_SECTION, TARGETS_SECTION
+from .kinds.sleep import NOOP_KIND, SLEEP_KIND, SQL_SLEEP_KIND
 from .services import Services
 
-
-def job_kinds() -> list[JobKind]:
-    from .kinds.sleep import NOOP_KIND, SLEEP_KIND, SQL_SLEEP_KIND
-
-    kinds = [SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND]
-    # FEATURE-KINDS (one line per feature below)
-    from .kinds.migrate import MIGRATION_KIND
-    from .kinds.migrate.source_config import parse_sources  # noqa: F401  (config sections)
-    kinds.append(MIGRATION_KIND)
-    from .kinds.fetch import FETCH_KIND
-    kinds.append(FETCH_KIND)
-    return kinds
+#: A start-up check or background task: it gets the shared objects.
+Hook = Callable[[Services], Awaitable[None]]
 
 
-def blueprints() -> list[Blueprint]:
-    from .http.jobs import blueprint as jobs_blueprint
+@dataclass(frozen=True)
+class Feature:
+    """What one feature adds to the daemon."""
 
-    found = [jobs_blueprint]
-    # FEATURE-BLUEPRINTS (one line per feature below)
-    from .http.migration_sources import blueprint as migration_sources_blueprint
-    found.append(migration_sources_blueprint)
-    from .http.migration import blueprint as migration_blueprint
-    found.append(migration_blueprint)
-    from .http.fetch import blueprint as fetch_blueprint
-    found.append(fetch_blueprint)
-    return found
-
-
-def startup_preparations() -> list[Callable[[Services], Awaitable[None]]]:
-    """Run once after schema migrations, before HTTP listens; may raise StartupError."""
-    found: list[Callable[[Services], Awaitable[None]]] = []
-    # FEATURE-STARTUP (one line per feature below)
-    from .kinds.migrate import prepare_targets
-    found.append(prepare_targets)
-    return found
+    name: str
+    kinds: tuple[JobKind, ...] = ()
+    #: Registered after the core ``/jobs`` routes, in this order.
+    blueprints: tuple[Blueprint, ...] = ()
+    #: Top-level TOML tables this feature owns; each is parsed at start, present or not.
+    config_sections: tuple[ConfigSection[Any], ...] = ()
+    #: Run once after schema migrations, before HTTP listens; may raise StartupError.
+    startup: tuple[Hook, ...] = ()
+    #: Long-running tasks (schedulers), started once HTTP listens; shutdown cancels them.
+    background: tuple[Hook, ...] = ()
 
 
-def background_tasks() -> list[Callable[[Services], Awaitable[None]]]:
-    """Long-running tasks (schedulers); they run until shutdown cancels them."""
-    found: list[Callable[[Services], Awaitable[None]]] = []
-    # FEATURE-BACKGROUND (one line per feature below)
-    from .kinds.migrate import sweep_uploads_periodically
-    found.append(sweep_uploads_periodically)
-    from .kinds.fetch import run_fetch_schedule
-    found.append(run_fetch_schedule)
-    return found
+DIAGNOSTICS = Feature(
+    name="diagnostics",
+    kinds=(SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND),
+)
+
+MIGRATION = Feature(
+    name="migration",
+    kinds=(MIGRATION_KIND,),
+    blueprints=(migration_sources_blueprint, migration_blueprint),
+    config_sections=(TARGETS_SECTION, MIGRATION_SECTION, SOURCES_SECTION,
+                     GOOGLE_SHEETS_SECTION),
+    startup=(prepare_targets,),
+    background=(sweep_uploads_periodically,),
+)
+
+FETCH = Feature(
+    name="fetch",
+    kinds=(FETCH_KIND,),
+    blueprints=(fetch_blueprint,),
+    config_sections=(FETCH_SECTION,),
+    background=(run_fetch_schedule,),
+)
+
+#: Everything the standard daemon does.
+FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH)
 
 
-def build_registry() -> KindRegistry:
+def build_registry(features: Iterable[Feature] = FEATURES) -> KindRegistry:
+    """The job kinds of ``features``; a kind name used twice is refused."""
     registry = KindRegistry()
-    for kind in job_kinds():
-        registry.add(kind)
+    for feature in features:
+        for kind in feature.kinds:
+            registry.add(kind)
     return registry
+
+
+def missing_sections(features: Iterable[Feature], loaded: Iterable[str]) -> list[str]:
+    """Sections that ``features`` own but settings were loaded without."""
+    have = set(loaded)
+    return [section.name for feature in features for section in feature.config_sections
+            if section.name not in have]

@@ -13,6 +13,11 @@
 Shutdown runs top-down: a signal stops intake and drains the supervisor (grace,
 then cancel, statuses written shielded); only when every job has ended is
 hypercorn told to stop, so status requests are answered during the whole drain.
+
+What runs in the tree comes from the features (:data:`nurseryd.features.FEATURES`
+unless told otherwise): their kinds fill the registry, their start-up checks run
+before HTTP listens, their blueprints make the app, their background tasks run
+in the aux nursery.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -32,12 +37,13 @@ import trio_asyncio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from . import features
 from .config import Settings
 from .db import Database, open_database
 from .db import jobs as jobsdb
 from .db.embedded import open_embedded_server
 from .db.migrate import apply_migrations
+from .errors import StartupError
+from .features import FEATURES, Feature, build_registry, missing_sections
 from .http.app import create_app
 from .services import Services
 from .supervisor import Supervisor
@@ -93,10 +99,18 @@ def _hypercorn_config(settings: Settings) -> HyperConfig:
 async def serve(
     settings: Settings,
     *,
+    features: Sequence[Feature] = FEATURES,
     notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Services | list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the daemon until SIGTERM/SIGINT (or ``services.supervisor.request_stop()``)."""
+    """Run the daemon until SIGTERM/SIGINT (or ``services.supervisor.request_stop()``).
+
+    ``settings`` must have been loaded with (at least) ``features``' config sections.
+    """
+    missing = missing_sections(features, settings.sections)
+    if missing:
+        raise StartupError(f"the settings lack the config section(s) {', '.join(missing)}: "
+                           "load them with the same features the daemon serves")
     notifier = notifier or Notifier()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -108,17 +122,19 @@ async def serve(
         ):
             await apply_migrations(db)
             async with hold_owner_lock(db, owner):
-                kinds = features.build_registry()
+                kinds = build_registry(features)
                 supervisor = Supervisor(db, settings, kinds, owner)
                 services = Services(settings=settings, db=db, kinds=kinds, supervisor=supervisor)
-                for prepare in features.startup_preparations():
-                    await prepare(services)
-                await _run_tree(services, notifier, signals, task_status)
+                for feature in features:
+                    for prepare in feature.startup:
+                        await prepare(services)
+                await _run_tree(services, features, notifier, signals, task_status)
     notifier.close()
 
 
 async def _run_tree(
     services: Services,
+    features: Sequence[Feature],
     notifier: Notifier,
     signals: AsyncIterator[int],
     task_status: trio.TaskStatus[Services | list[str]],
@@ -150,7 +166,7 @@ async def _run_tree(
         state = "draining" if supervisor.draining else "serving"
         return f"{state}: {counts['running']} running, {counts['queued']} queued"
 
-    app = create_app(services)
+    app = create_app(services, features)
     async with trio.open_nursery() as root:
         await root.start(run_supervisor)
         binds = await root.start(
@@ -163,8 +179,9 @@ async def _run_tree(
             aux.start_soon(watch_signals, aux)
             aux.start_soon(notifier.keep_watchdog_fed)
             aux.start_soon(notifier.report_status, describe)
-            for background in features.background_tasks():
-                aux.start_soon(background, services)
+            for feature in features:
+                for background in feature.background:
+                    aux.start_soon(background, services)
             notifier.ready(describe())
             task_status.started(services)
             await supervisor_done.wait()

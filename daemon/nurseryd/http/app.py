@@ -1,36 +1,49 @@
-"""The quart-trio application: blueprints plus one error mapping for the whole API.
+"""The quart-trio application: the core ``/jobs`` routes, the features' blueprints,
+and one error mapping for the whole API.
 
 Handlers raise; this module decides what the client sees. Every error is
 ``application/problem+json``, including the ones Quart raises itself (unknown
 route, wrong method, body too large), so no client ever has to parse HTML.
+
+The features are handed in (``root`` passes them): this package never imports
+``features.py``, which imports it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import Protocol
 
-from quart import Response
+from quart import Blueprint, Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .. import features
-from ..kinds.base import ParamError
-from ..services import Services
-from ..supervisor import (
+from ..errors import (
     Draining,
     JobAlreadyFinished,
     JobConflict,
     JobNotFound,
+    ParamError,
     QueueFull,
     UnknownKind,
 )
+from ..services import Services
 from .context import EXTENSION_KEY
+from .jobs import blueprint as jobs_blueprint
 from .problems import Problem
 
 log = logging.getLogger(__name__)
 
 
-def create_app(services: Services) -> QuartTrio:
+class HasBlueprints(Protocol):
+    """What the app factory needs of a feature."""
+
+    @property
+    def blueprints(self) -> tuple[Blueprint, ...]: ...
+
+
+def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTrio:
     app = QuartTrio("nurseryd")
     # No global cap: Quart's would refuse uploads by their Content-Length before
     # any handler runs. Bodies are capped where they are read (jobs.read_body for
@@ -38,8 +51,10 @@ def create_app(services: Services) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = None
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.extensions[EXTENSION_KEY] = services
-    for blueprint in features.blueprints():
-        app.register_blueprint(blueprint)
+    app.register_blueprint(jobs_blueprint)
+    for feature in features:
+        for blueprint in feature.blueprints:
+            app.register_blueprint(blueprint)
     _register_error_handlers(app)
     return app
 

@@ -4,8 +4,8 @@
   ``POST /fetch`` owns the one-at-a-time rule and its 409).
 - :func:`run_fetch_schedule` is the background task that starts fetches every
   ``fetch.interval``.
-
-Importing this package registers the ``[fetch]`` config section.
+- :data:`FETCH_SECTION` is the ``[fetch]`` config section; ``features.py`` lists
+  all three in the fetch feature.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ...db import jobs as jobsdb
+from ...errors import JobConflict
 from ..base import JobKind
-from .config import FetchConfig, parse_fetch_section
+from .config import FETCH_SECTION, FetchConfig, parse_fetch_section
 from .job import parse_fetch_params, run_fetch
 from .schedule import schedule_loop
 
@@ -35,7 +36,7 @@ FETCH_KIND = JobKind(
 
 
 def fetch_config(services: Services) -> FetchConfig:
-    return services.settings.section("fetch") or FetchConfig()
+    return services.settings.section(FETCH_SECTION)
 
 
 async def submit_fetch(services: Services, trigger: str) -> dict[str, Any]:
@@ -56,8 +57,6 @@ async def scheduled_tick(services: Services) -> dict[str, Any] | None:
     left waiting to run after the active fetch. Other errors are logged; the next
     tick tries again.
     """
-    from ...supervisor import JobConflict
-
     try:
         job = await submit_fetch(services, "schedule")
     except JobConflict:
@@ -87,5 +86,5 @@ async def run_fetch_schedule(services: Services) -> None:
                         since_last=since_last, trigger=lambda: scheduled_tick(services))
 
 
-__all__ = ["FETCH_KIND", "parse_fetch_section", "run_fetch_schedule", "scheduled_tick",
-           "submit_fetch"]
+__all__ = ["FETCH_KIND", "FETCH_SECTION", "parse_fetch_section", "run_fetch_schedule",
+           "scheduled_tick", "submit_fetch"]

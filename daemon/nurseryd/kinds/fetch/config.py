@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 from ...config import (
     BUILTIN_KIND_LIMITS,
     ConfigError,
+    ConfigSection,
     check_keys,
     parse_duration,
     parse_positive_int,
-    register_section,
 )
 
 FORMATS = ("json", "rss", "atom")
@@ -246,7 +246,6 @@ def _max_fetch_timeout(whole: Mapping[str, Any]) -> float:
     return BUILTIN_KIND_LIMITS["fetch"].max_timeout_s
 
 
-@register_section("fetch")
 def parse_fetch_section(raw: Any, whole: Mapping[str, Any] | None = None) -> FetchConfig:
     """Validate ``[fetch]``; an absent section means no sources and no schedule."""
     if raw is None:
@@ -298,3 +297,8 @@ def parse_fetch_section(raw: Any, whole: Mapping[str, Any] | None = None) -> Fet
         seen.add(source.name)
         sources.append(source)
     return FetchConfig(**{**base.__dict__, "sources": tuple(sources)})
+
+
+#: ``settings.section(FETCH_SECTION)`` is the parsed ``[fetch]`` table.
+FETCH_SECTION: ConfigSection[FetchConfig] = ConfigSection("fetch", parse_fetch_section,
+                                                          FetchConfig)

@@ -1,7 +1,8 @@
 """Data migration: source -> row batches -> coerce -> rejects -> COPY -> upsert -> checkpoint.
 
-Importing this package registers the ``[targets]`` and ``[migration]`` config
-sections. It stays light (no trio, asyncpg or quart at import) because the
+``features.py`` lists this kind, its start-up and background hooks here and its
+config sections (``targets.py``, ``source_config.py``) in the migration feature.
+The package stays light (no trio, asyncpg or quart at import) because the
 Excel parser's child process imports modules of this package, and its start-up
 time is on the critical path of every import.
 """
@@ -12,8 +13,8 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ...errors import StartupError
 from ..base import JobContext, JobKind
-from . import targets as _targets  # noqa: F401  (registers config sections)
 
 if TYPE_CHECKING:
     from ...services import Services
@@ -38,6 +39,7 @@ MIGRATION_KIND = JobKind(
     run=_run,
     parse_params=_parse,
     generic_endpoint=False,
+    commits_progress=True,
     description="Import rows into a target table from an uploaded .xlsx (POST /migration/excel), "
                 "a configured database (POST /migration/database) or a Google Sheet "
                 "(POST /migration/google-sheets): coerce, reject, COPY, upsert, resumable.",
@@ -47,10 +49,9 @@ MIGRATION_KIND = JobKind(
 async def prepare_targets(services: Services) -> None:
     """Start-up: create or verify every target table; remove orphan uploads.
 
-    Raises :class:`~nurseryd.features.StartupError` when an existing table does
+    Raises :class:`~nurseryd.errors.StartupError` when an existing table does
     not match its target.
     """
-    from ...features import StartupError
     from .tables import TargetMismatch, ensure_target_table
     from .targets import configured_targets
     from .uploads_dir import sweep_uploads

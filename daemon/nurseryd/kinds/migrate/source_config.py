@@ -30,16 +30,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ...config import (
     ConfigError,
+    ConfigSection,
     check_keys,
     parse_duration,
     parse_positive_int,
-    register_section,
 )
+
+if TYPE_CHECKING:
+    from ...config import Settings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
@@ -192,7 +195,6 @@ def _parse_source(name: str, raw: Any) -> DatabaseSourceConfig:
     )
 
 
-@register_section("sources")
 def parse_sources(raw: Any, whole: Mapping[str, Any]) -> dict[str, DatabaseSourceConfig]:
     """``[sources.NAME]`` tables: databases a migration may read from."""
     if raw is None:
@@ -230,7 +232,6 @@ _SHEETS_KEYS = {"api_base", "api_key", "credentials_file", "window_rows", "reque
                 "max_attempts", "backoff_s", "backoff_max_s", "requests_per_minute"}
 
 
-@register_section("google_sheets")
 def parse_google_sheets(raw: Any, whole: Mapping[str, Any]) -> SheetsConfig:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
@@ -279,11 +280,17 @@ def parse_google_sheets(raw: Any, whole: Mapping[str, Any]) -> SheetsConfig:
     )
 
 
-def database_sources(settings: Any) -> dict[str, DatabaseSourceConfig]:
-    value = settings.section("sources") if settings is not None else None
-    return value if isinstance(value, dict) else {}
+#: ``[sources.NAME]`` tables.
+SOURCES_SECTION: ConfigSection[dict[str, DatabaseSourceConfig]] = ConfigSection(
+    "sources", parse_sources, dict)
+#: The ``[google_sheets]`` table.
+GOOGLE_SHEETS_SECTION: ConfigSection[SheetsConfig] = ConfigSection(
+    "google_sheets", parse_google_sheets, SheetsConfig)
 
 
-def sheets_config(settings: Any) -> SheetsConfig:
-    value = settings.section("google_sheets") if settings is not None else None
-    return value if isinstance(value, SheetsConfig) else SheetsConfig()
+def database_sources(settings: Settings) -> dict[str, DatabaseSourceConfig]:
+    return settings.section(SOURCES_SECTION)
+
+
+def sheets_config(settings: Settings) -> SheetsConfig:
+    return settings.section(GOOGLE_SHEETS_SECTION)

@@ -27,17 +27,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...config import (
     ConfigError,
+    ConfigSection,
     check_keys,
     parse_duration,
     parse_positive_int,
-    register_section,
 )
 from .coerce import ColumnSpec, parse_column_type
 from .xlsx_checks import ParseCaps
+
+if TYPE_CHECKING:
+    from ...config import Settings
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -172,7 +175,6 @@ def _parse_target(name: str, raw: Any) -> Target:
     return Target(name=name, table=table, columns=columns, key=tuple(key_raw))
 
 
-@register_section("targets")
 def parse_targets(raw: Any, whole: Mapping[str, Any]) -> dict[str, Target]:
     """Built-in targets, overridden or extended by ``[targets.NAME]`` tables."""
     targets = dict(BUILTIN_TARGETS)
@@ -198,7 +200,6 @@ _MIGRATION_KEYS = {
 }
 
 
-@register_section("migration")
 def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
@@ -258,12 +259,19 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
     )
 
 
-def migration_settings(settings: Any) -> MigrationSettings:
-    """The parsed ``[migration]`` section (defaults when the section was never parsed)."""
-    value = settings.section("migration") if settings is not None else None
-    return value if isinstance(value, MigrationSettings) else MigrationSettings()
+#: ``[targets.NAME]`` tables, over the built-in targets.
+TARGETS_SECTION: ConfigSection[dict[str, Target]] = ConfigSection("targets", parse_targets,
+                                                                  dict)
+#: The ``[migration]`` table.
+MIGRATION_SECTION: ConfigSection[MigrationSettings] = ConfigSection(
+    "migration", parse_migration, MigrationSettings)
 
 
-def configured_targets(settings: Any) -> dict[str, Target]:
-    value = settings.section("targets") if settings is not None else None
-    return value if isinstance(value, dict) else dict(BUILTIN_TARGETS)
+def migration_settings(settings: Settings) -> MigrationSettings:
+    """The parsed ``[migration]`` section."""
+    return settings.section(MIGRATION_SECTION)
+
+
+def configured_targets(settings: Settings) -> dict[str, Target]:
+    """Every target by name: the built-in ones and ``[targets.NAME]``."""
+    return settings.section(TARGETS_SECTION)
