@@ -1,7 +1,8 @@
 """RFC 9457 problem details: every error the API returns is one of these.
 
-Handlers raise :class:`Problem`; the app's error handler turns it into an
-``application/problem+json`` response. ``detail`` always says what was wrong
+Handlers raise :class:`Problem` (or an error of :mod:`nurseryd.errors`, which
+``errors.py`` maps to one through its table); the app's one error handler turns
+it into an ``application/problem+json`` response. ``detail`` always says what was wrong
 *and* how to fix it, because it is the only thing a curl user reads.
 """
 
