@@ -93,3 +93,37 @@ async def test_waiters_are_released_if_the_committer_is_cancelled() -> None:
             await trio.testing.wait_all_tasks_blocked()
             inner.cancel_scope.cancel()
     assert len(outcome) == 1 and "cancelled during this write" in str(outcome[0])
+
+
+async def test_a_failing_batch_is_retried_item_by_item_so_only_the_bad_one_fails() -> None:
+    release = trio.Event()
+    calls: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            await release.wait()
+        if 13 in items:
+            raise ValueError("13 cannot be stored")
+        return [item * 10 for item in items]
+
+    committer = GroupCommitter("test", flush)
+    outcomes: dict[int, object] = {}
+
+    async def submit(item: int) -> None:
+        try:
+            outcomes[item] = await committer.submit(item)
+        except ValueError as error:
+            outcomes[item] = str(error)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(committer.run)
+        nursery.start_soon(submit, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        for item in (12, 13, 14):
+            nursery.start_soon(submit, item)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        committer.close()
+    assert outcomes == {0: 0, 12: 120, 13: "13 cannot be stored", 14: 140}

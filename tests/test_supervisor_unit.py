@@ -230,3 +230,48 @@ async def test_a_timeout_is_the_jobs_own_cancel_scope(autojump_clock: Any) -> No
         row = await until_status(store, job["id"], "timed_out")
         assert trio.current_time() - start == pytest.approx(5, abs=0.5)
     assert row["error"] == "timed out after 5 s (the job's time limit)"
+
+
+async def test_a_final_write_is_retried_through_a_database_blip(autojump_clock: Any) -> None:
+    async with supervisor() as (sup, store):
+        job = await sup.submit("gate", {"name": "a"})
+        await STARTED.setdefault("a", trio.Event()).wait()
+        store.failures["apply"] = 6  # the next six writes fail: ~6 s of back-off
+        GATES.setdefault("a", trio.Event()).set()
+        row = await until_status(store, job["id"], "completed")
+        assert store.failures["apply"] == 0
+    assert row["attempts"] == 1
+
+
+async def test_the_rescan_runs_a_committed_job_nothing_holds(autojump_clock: Any) -> None:
+    """A job whose hand-off was lost (its request died) is found in the table."""
+    from nurseryd.store.base import NewJob
+
+    async with supervisor() as (sup, store):
+        GATES.setdefault("s", trio.Event()).set()
+        [row] = await store.insert([NewJob("gate", {"name": "s"}, 60.0, OWNER)])
+        start = trio.current_time()
+        await until_status(store, row["id"], "completed")
+        assert trio.current_time() - start <= 6
+
+
+async def test_a_dead_peers_jobs_and_our_unheld_running_rows_are_rescued(
+    autojump_clock: Any,
+) -> None:
+    from nurseryd.store.base import NewJob
+
+    store = MemoryJobStore()
+    store.live_owners.add("peer:2:alive")
+    async with supervisor(store) as (sup, _):
+        for name in ("p", "q", "r"):
+            GATES.setdefault(name, trio.Event()).set()
+        [peer] = await store.insert([NewJob("gate", {"name": "p"}, 60.0, "peer:2:alive")])
+        [dead] = await store.insert([NewJob("gate", {"name": "q"}, 60.0, "peer:3:dead")])
+        [ours] = await store.insert([NewJob("gate", {"name": "r"}, 60.0, OWNER)])
+        for row in (peer, dead, ours):
+            store.rows[row["id"]].update(status="running", attempts=1)
+        await until_status(store, dead["id"], "completed")
+        await until_status(store, ours["id"], "completed")
+        await trio.sleep(30)
+        assert store.rows[peer["id"]]["status"] == "running"  # a live peer's: left alone
+    assert store.rows[dead["id"]]["attempts"] == 2 and store.rows[dead["id"]]["owner"] == OWNER

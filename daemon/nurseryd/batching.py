@@ -109,7 +109,15 @@ class GroupCommitter(Generic[T, R]):
         try:
             results = await self._flush([item for item, _ in batch])
         except Exception as error:
-            log.error("%s: writing a batch of %d failed: %s", self.name, len(batch), error)
+            if len(batch) > 1:
+                # One bad item must not sink its neighbours: each goes alone, so
+                # only the offending one gets the error.
+                log.warning("%s: a batch of %d failed (%s); writing its items one by one",
+                            self.name, len(batch), error)
+                for one in batch:
+                    await self._write([one])
+                return
+            log.error("%s: writing a batch failed: %s", self.name, error)
             for _, waiter in batch:
                 if waiter is not None:
                     waiter.error = error

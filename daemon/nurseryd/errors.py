@@ -103,3 +103,11 @@ class JobAlreadyFinished(SupervisorError):
     def __init__(self, job: dict[str, Any]) -> None:
         super().__init__(f"job {job['id']} already ended with status {job['status']!r}")
         self.job = job
+
+
+class DatabaseUnavailable(SupervisorError):
+    """PostgreSQL did not answer in time; the request may be retried (503)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the database did not answer in time ({what}); retry shortly")
+        self.what = what

@@ -269,6 +269,16 @@ class PostgresJobStore:
         )
 
 
+    async def recover_own(self, owner: str, held: Sequence[int]) -> int:
+        rows = await self.db.fetch(
+            f"UPDATE jobs SET status = $3 WHERE owner = $1 AND status = ANY($4::text[])"
+            f" AND NOT (id = ANY($2::bigint[])) RETURNING {_RETURNING}",
+            owner, list(held), target_of(Event.RECOVER).value,
+            _values(statuses_allowing(Event.RECOVER)))
+        self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows)
+        return len(rows)
+
+
 # -- questions other modules ask of the jobs table ----------------------------------------
 
 

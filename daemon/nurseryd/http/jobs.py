@@ -60,13 +60,21 @@ async def read_json_object() -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise Problem(400, f"the body is not valid JSON ({error}); send a JSON object such"
                       " as {\"seconds\": 5}") from None
+    except (ValueError, RecursionError) as error:  # NaN/Infinity, 4,300+ digits, nesting
+        reason = str(error) if isinstance(error, ValueError) else "nested too deeply"
+        raise Problem(400, f"the body is not strict JSON ({reason}); numbers must be finite"
+                      " and of reasonable size") from None
     if not isinstance(body, dict):
         raise Problem(400, f"expected a JSON object of parameters, got {type(body).__name__}")
     return body
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_job_id(raw: str) -> int:

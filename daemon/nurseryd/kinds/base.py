@@ -130,6 +130,11 @@ class JobKind:
     #: (uploads, the one-at-a-time fetch) say False.
     generic_endpoint: bool = True
     description: str = ""
+    #: The kind writes its checkpoint and processed/failed counters itself, in the
+    #: transactions that write its data (``ctx.commit_progress``). The supervisor
+    #: then never writes them, from the job's first moment: a progress flush of
+    #: older counters could otherwise land after a batch committed newer ones.
+    commits_progress: bool = False
 
 
 @dataclass

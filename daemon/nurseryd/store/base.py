@@ -65,6 +65,48 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+#: Bounds on what a job's params may hold (they are stored as jsonb and shown by the API).
+MAX_PARAMS_DEPTH = 32
+MAX_INT_ABS = 2**63 - 1
+
+
+def check_storable(value: Any, field: str = "params", depth: int = 0) -> None:
+    """Refuse what PostgreSQL cannot store as jsonb, before it joins a batch.
+
+    NaN and Infinity (Python's ``json`` accepts them), NUL characters and lone
+    surrogates in strings, integers beyond 64 bits and deep nesting would fail
+    the whole group-committed INSERT; here they fail only their own request,
+    with :class:`ParamError` naming where.
+    """
+    from ..errors import ParamError
+
+    if depth > MAX_PARAMS_DEPTH:
+        raise ParamError(field, f"nested deeper than {MAX_PARAMS_DEPTH} levels")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ParamError(field, "contains a NUL character (\\u0000), which cannot be stored")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParamError(field, "contains a lone surrogate (not valid Unicode)") from None
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if abs(value) > MAX_INT_ABS:
+            raise ParamError(field, "integer out of range (at most 64 bits)")
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ParamError(field, "NaN and Infinity are not JSON numbers")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_storable(key, field, depth + 1)
+            check_storable(item, f"{field}.{key}" if field != "params" else str(key),
+                           depth + 1)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_storable(item, f"{field}[{index}]", depth + 1)
+
+
 @dataclass(frozen=True)
 class NewJob:
     kind: str
@@ -201,6 +243,11 @@ class JobStore(Protocol):
 
     async def queued_for(self, owner: str, after_id: int, limit: int) -> list[Row]:
         """This owner's queued jobs with ids above ``after_id``, oldest first."""
+        ...
+
+    async def recover_own(self, owner: str, held: Sequence[int]) -> int:
+        """Requeue (``recover``) this owner's running jobs whose ids are not in
+        ``held``: nothing in the process runs them any more."""
         ...
 
 

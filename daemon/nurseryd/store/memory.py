@@ -44,6 +44,9 @@ class MemoryJobStore:
         self.live_owners: set[str] = set()
         #: Method name -> event: that call waits for it first ("the database is slow").
         self.gates: dict[str, trio.Event] = {}
+        #: Method name -> how many of its next calls fail with ConnectionError
+        #: ("the database is away").
+        self.failures: dict[str, int] = {}
         self.calls = 0
         self._next_id = 1
 
@@ -53,6 +56,9 @@ class MemoryJobStore:
         if gate is not None:
             await gate.wait()
         await trio.lowlevel.checkpoint()
+        if self.failures.get(method):
+            self.failures[method] -= 1
+            raise ConnectionError(f"{method}: the database is away")
 
     def _copy(self, row: dict[str, Any]) -> Row:
         return copy.deepcopy(row)
@@ -165,3 +171,14 @@ class MemoryJobStore:
                 if row["owner"] == owner and row["status"] == Status.QUEUED.value
                 and row["id"] > after_id]
         return [self._copy(row) for row in rows[:limit]]
+
+    async def recover_own(self, owner: str, held: Sequence[int]) -> int:
+        await self._round_trip("recover_own")
+        recovered = 0
+        for row in self.rows.values():
+            if (row["owner"] == owner and row["id"] not in held
+                    and Status(row["status"]) in statuses_allowing(Event.RECOVER)):
+                row["status"] = target_of(Event.RECOVER).value
+                recovered += 1
+                self.feed.publish([JobChanged(Event.RECOVER, self._copy(row))])
+        return recovered

@@ -30,10 +30,26 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..batching import CommitterClosed, GroupCommitter
-from ..errors import JobAlreadyFinished, JobConflict, JobNotFound, ParamError, UnknownKind
+from ..errors import (
+    DatabaseUnavailable,
+    JobAlreadyFinished,
+    JobConflict,
+    JobNotFound,
+    ParamError,
+    UnknownKind,
+)
 from ..kinds.base import JobKind, KindRegistry
 from ..lifecycle import ACTIVE, Status, StopReason
-from ..store.base import Change, JobStore, NewJob, Progress, Row, job_json, now
+from ..store.base import (
+    Change,
+    JobStore,
+    NewJob,
+    Progress,
+    Row,
+    check_storable,
+    job_json,
+    now,
+)
 from .drain import Drain
 from .handle import JobHandle
 from .intake import Intake
@@ -52,6 +68,11 @@ PROGRESS_INTERVAL_S = 0.25
 #: How often a daemon looks for cancel requests that other daemons recorded for its jobs.
 REMOTE_CANCEL_POLL_S = 1.0
 BACKLOG_PAGE = 500
+#: How often the table is scanned for work nothing holds: dead peers' jobs, this
+#: daemon's queued rows with no handle, its running rows with no handle.
+RESCAN_S = 5.0
+#: A submission gives up (503) when recording the job takes longer than this.
+SUBMIT_TIMEOUT_S = 10.0
 
 
 class Supervisor:
@@ -123,9 +144,9 @@ class Supervisor:
                 periodic.start_soon(self._progress.run)
                 periodic.start_soon(watch_cancel_requests, self.store, self.registry,
                                     REMOTE_CANCEL_POLL_S)
+                periodic.start_soon(self._rescue)
                 async with trio.open_nursery() as jobs:
                     jobs.start_soon(self._dispatch, jobs)
-                    jobs.start_soon(self._feed_backlog)
                     task_status.started()
                     await self._drain.requested.wait()
                     await self._drain.run(lambda: self.registry.values(),
@@ -162,8 +183,36 @@ class Supervisor:
                         break
                     jobs.start_soon(self._runner.run, handle, name=f"job-{handle.id}")
 
+    async def _rescue(self) -> None:
+        """The table is the truth, the channel a shortcut: find what nothing holds.
+
+        At start and then every RESCAN_S: adopt the unfinished jobs of daemons that
+        died (their owner lock is free), requeue this daemon's ``running`` rows
+        that no handle holds (a final write that never landed), and load this
+        daemon's queued rows that have no handle (a submission whose hand-off was
+        lost). A database error skips one round; it never stops the daemon.
+        """
+        first = True
+        while not self.draining:
+            try:
+                if not first:
+                    adopted = await self.store.adopt_orphans(self.owner)
+                    if adopted:
+                        log.info("adopted %d unfinished job(s) of a daemon that stopped",
+                                 adopted)
+                    recovered = await self.store.recover_own(self.owner, list(self.registry))
+                    if recovered:
+                        log.warning("requeued %d running job(s) of ours that nothing held",
+                                    recovered)
+                await self._feed_backlog()
+            except Exception as error:
+                log.warning("scanning for unheld jobs failed (%s); next try in %g s",
+                            error, RESCAN_S)
+            first = False
+            await trio.sleep(RESCAN_S)
+
     async def _feed_backlog(self) -> None:
-        """Load this owner's queued jobs (adopted at start) page by page."""
+        """Load this owner's queued jobs that nothing holds, page by page."""
         after_id = 0
         while not self.draining:
             async with self._backlog_lock:
@@ -207,13 +256,23 @@ class Supervisor:
         if kind is None:
             raise UnknownKind(kind_name, self.kinds.names())
         parsed = kind.parse_params(params)
+        check_storable(parsed)
         timeout = self.resolve_timeout(kind_name, timeout_s)
         self._intake.reserve()
-        try:
-            row = await self.inserts.submit(NewJob(kind_name, parsed, timeout, self.owner))
-        except BaseException:
+        # Shielded from the request: a client that disconnects once the INSERT is on
+        # its way must not leave a committed job that nothing holds. Bounded, so a
+        # hung database answers 503 instead of hanging the request (the rescan
+        # picks up the job should that INSERT commit after all).
+        with trio.CancelScope(shield=True) as recording:
+            recording.deadline = trio.current_time() + SUBMIT_TIMEOUT_S
+            try:
+                row = await self.inserts.submit(NewJob(kind_name, parsed, timeout, self.owner))
+            except BaseException:
+                self._intake.release()
+                raise
+        if recording.cancelled_caught:
             self._intake.release()
-            raise
+            raise DatabaseUnavailable("recording the job")
         if row is None:
             self._intake.release()
             raise JobConflict(kind_name)

@@ -51,6 +51,7 @@ class JobHandle:
             id=row["id"], kind=kind, params=row["params"], timeout_s=row["timeout_s"],
             attempts=row["attempts"], checkpoint=row["checkpoint"], total=row["total"],
             processed=row["processed"], failed=row["failed"],
+            commits_own_progress=kind.commits_progress,
         )
 
     def stop(self, reason: StopReason) -> None:

@@ -35,6 +35,8 @@ log = logging.getLogger("nurseryd.supervisor")
 
 #: A status write (start or final) gives up after this long: see the module docstring.
 STATUS_WRITE_TIMEOUT_S = 10.0
+#: However long the database is away, a final write is given up after this long.
+FINAL_WRITE_GIVE_UP_S = 120.0
 
 
 class JobRunner:
@@ -115,15 +117,15 @@ class JobRunner:
         return RunningJob(handle, owner=self.owner, db=self._db, settings=self._settings,
                           progressed=self._progress.mark, save_checkpoint=save_checkpoint)
 
-    async def _write(self, change: Change) -> Row | None:
-        """Shielded and bounded; ``None`` if the guard refused it or it timed out."""
+    async def _write(self, change: Change, timeout: float = STATUS_WRITE_TIMEOUT_S) -> Row | None:
+        """Shielded and bounded; ``None`` if the guard refused it.
+
+        Raises ``trio.TooSlowError`` when the database did not answer in time.
+        """
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + STATUS_WRITE_TIMEOUT_S
+            scope.deadline = trio.current_time() + timeout
             return await self._writer.submit(change)
-        log.error("job %d: status write (%s) timed out after %g s; the job is recovered"
-                  " at the next start", change.job_id,
-                  getattr(change, "event", "progress"), STATUS_WRITE_TIMEOUT_S)
-        return None
+        raise trio.TooSlowError(f"no answer within {timeout:g} s")
 
     async def _start(self, handle: JobHandle) -> bool:
         """The ``start`` transition; the job runs only if it committed."""
@@ -155,14 +157,40 @@ class JobRunner:
             log.warning("job %d (%s) failed: %s", handle.id, handle.kind.name,
                         transition.values.get("error"))
         try:
-            handle.final_row = await self._write(transition)
+            handle.final_row = await self._write_until_it_lands(transition)
         except Exception as error:
-            log.error("job %d: final status %s not written (%s); it will be recovered at the"
-                      " next start", handle.id, transition.event.value, error)
+            log.error("job %d: final status %s not written (%s); the job stays as the table"
+                      " has it and is requeued by the rescan or the next start", handle.id,
+                      transition.event.value, error)
             return
         if handle.final_row is None and started:
             log.warning("job %d: final status not written: this attempt no longer holds it",
                         handle.id)
+
+    async def _write_until_it_lands(self, transition: Transition) -> Row | None:
+        """A final status is retried with back-off through a database blip.
+
+        The job's handle stays held meanwhile, so nothing else requeues it. Gives
+        up (raising the last error) once the daemon has been draining for
+        STATUS_WRITE_TIMEOUT_S, or after FINAL_WRITE_GIVE_UP_S in all: the crash
+        path then applies (the rescan or the next start requeues the job).
+        """
+        delay = 0.1
+        give_up_at = trio.current_time() + FINAL_WRITE_GIVE_UP_S
+        while True:
+            try:
+                return await self._write(transition)
+            except Exception as error:
+                now_ = trio.current_time()
+                if self._is_draining():
+                    give_up_at = min(give_up_at, now_ + STATUS_WRITE_TIMEOUT_S)
+                if now_ + delay >= give_up_at:
+                    raise
+                log.warning("job %d: final status %s not written yet (%s); retrying in %.1f s",
+                            transition.job_id, transition.event.value, error, delay)
+            with trio.CancelScope(shield=True):
+                await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def _final_transition(
         self, handle: JobHandle, started: bool, returned: bool, raised: Exception | None
