@@ -189,32 +189,38 @@ def _parse_number_text(text: str) -> Decimal:
 # ------------------------------------------------------------------------ converters
 
 
+def plain_text(value: Any, max_length: int | None = None) -> str | None:
+    """A source value as the text a text column stores, *not yet* COPY-escaped."""
+    if type(value) is str:
+        text = value.strip()
+        if not text:
+            return None
+    elif value is None:
+        return None
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise CoerceError(f"not a finite number: {value!r}")
+        text = _number_text(value)
+    elif isinstance(value, dt.datetime | dt.date | dt.time):
+        text = value.isoformat(sep=" ") if isinstance(value, dt.datetime) else value.isoformat()
+    else:
+        text = str(value).strip()
+        if not text:
+            return None
+    if "\x00" in text:
+        raise CoerceError("text contains a NUL character, which PostgreSQL cannot store")
+    if max_length is not None and len(text) > max_length:
+        raise CoerceError(f"text is {len(text)} characters long, the column allows "
+                          f"{max_length}")
+    return text
+
+
 def text_converter(max_length: int | None = None) -> Converter:
     def convert(value: Any) -> str | None:
-        if type(value) is str:
-            text = value.strip()
-            if not text:
-                return None
-        elif value is None:
-            return None
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise CoerceError(f"not a finite number: {value!r}")
-            text = _number_text(value)
-        elif isinstance(value, dt.datetime | dt.date | dt.time):
-            text = value.isoformat(sep=" ") if isinstance(value, dt.datetime) else value.isoformat()
-        else:
-            text = str(value).strip()
-            if not text:
-                return None
-        if "\x00" in text:
-            raise CoerceError("text contains a NUL character, which PostgreSQL cannot store")
-        if max_length is not None and len(text) > max_length:
-            raise CoerceError(f"text is {len(text)} characters long, the column allows "
-                              f"{max_length}")
-        return escape_copy_text(text)
+        text = plain_text(value, max_length)
+        return None if text is None else escape_copy_text(text)
 
     return convert
 
@@ -690,7 +696,7 @@ def _text_column(column_type: ColumnType, convert: Converter, values: Sequence[A
     else:
         stripped = [v.strip() if type(v) is str else
                     "" if v is None else
-                    _plain_text(convert, v, i, errors) for i, v in enumerate(values)]
+                    _plain_text(v, i, errors) for i, v in enumerate(values)]
     joined = _SEPARATOR.join(stripped)
     if joined.count(_SEPARATOR) != max(len(stripped) - 1, 0):
         for i, text in enumerate(stripped):
@@ -707,10 +713,11 @@ def _text_column(column_type: ColumnType, convert: Converter, values: Sequence[A
     return [text or NULL for text in escaped]
 
 
-def _plain_text(convert: Converter, value: Any, index: int, errors: dict[int, str]) -> str:
-    """A non-str value as unescaped text ('' for NULL)."""
+def _plain_text(value: Any, index: int, errors: dict[int, str]) -> str:
+    """A non-str value as unescaped text ('' for NULL): the whole column is escaped
+    once, after joining, so this must not escape it too."""
     try:
-        result = convert(value)
+        result = plain_text(value)
     except CoerceError as error:
         errors[index] = str(error)
         return ""
