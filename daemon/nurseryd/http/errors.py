@@ -23,6 +23,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ..errors import (
+    DatabaseUnavailable,
     Draining,
     JobAlreadyFinished,
     JobConflict,
@@ -69,6 +70,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, Callable[[Any], Answer]]] = {
     JobConflict: (409, _said),
     Draining: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
     QueueFull: (503, lambda error: Answer(str(error), headers={"Retry-After": "1"})),
+    DatabaseUnavailable: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
 }
 
 
