@@ -275,3 +275,23 @@ async def test_a_dead_peers_jobs_and_our_unheld_running_rows_are_rescued(
         await trio.sleep(30)
         assert store.rows[peer["id"]]["status"] == "running"  # a live peer's: left alone
     assert store.rows[dead["id"]]["attempts"] == 2 and store.rows[dead["id"]]["owner"] == OWNER
+
+
+async def test_a_lost_owner_lock_requeues_running_jobs_and_pauses_starts(
+    autojump_clock: Any,
+) -> None:
+    async with supervisor() as (sup, store):
+        job = await sup.submit("nap", {"seconds": 100})
+        await until_status(store, job["id"], "running")
+        sup.claim_lost()
+        row = await until_status(store, job["id"], "queued")
+        assert row["attempts"] == 1 and row["owner"] == OWNER
+        await trio.sleep(60)  # rescans come and go: nothing starts without the claim
+        assert store.rows[job["id"]]["status"] == "queued"
+        other = await sup.submit("nap", {"seconds": 1})
+        await trio.sleep(10)
+        assert store.rows[other["id"]]["status"] == "queued"
+        sup.claim_regained()
+        await until_status(store, other["id"], "completed")
+        done = await until_status(store, job["id"], "completed")
+    assert done["attempts"] == 2

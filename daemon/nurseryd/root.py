@@ -31,17 +31,16 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 
-import asyncpg
 import trio
 import trio_asyncio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .config import Settings
-from .db import Database, open_database
-from .db import jobs as jobsdb
+from .db import open_database
 from .db.embedded import open_embedded_server
 from .db.migrate import apply_migrations
+from .db.owner_lock import hold_owner_lock
 from .errors import StartupError
 from .features import FEATURES, Feature, build_registry, missing_sections
 from .http.app import create_app
@@ -50,6 +49,15 @@ from .supervisor import Supervisor
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)
+
+#: Connections for the control plane: supervisor writes and API reads.
+CONTROL_POOL_SIZE = 4
+CONTROL_ACQUIRE_TIMEOUT_S = 5.0
+CONTROL_COMMAND_TIMEOUT_S = 30.0
+#: Connections for job work (what kinds reach as ``ctx.db``).
+WORK_POOL_SIZE = 10
+#: Reaching PostgreSQL at start: this many tries with back-off, then one line and exit.
+CONNECT_ATTEMPTS = 6
 
 
 @asynccontextmanager
@@ -60,28 +68,6 @@ async def open_postgres_dsn(settings: Settings) -> AsyncIterator[str]:
         return
     async with open_embedded_server(settings.state_dir) as server:
         yield server.dsn
-
-
-@asynccontextmanager
-async def hold_owner_lock(db: Database, owner: str) -> AsyncIterator[None]:
-    """Hold this instance's advisory lock on a dedicated connection for its life.
-
-    Other instances (and our own next start) treat an owner whose lock is free as
-    dead and take over its unfinished jobs at once: see ``jobs.adopt_orphans``.
-    """
-    loop = db.loop
-
-    async def _connect() -> asyncpg.Connection:
-        conn = await asyncpg.connect(db.dsn)
-        await jobsdb.hold_owner_lock(conn, owner)
-        return conn
-
-    conn = await trio_asyncio.aio_as_trio(_connect, loop=loop)()
-    try:
-        yield
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            await trio_asyncio.aio_as_trio(conn.close, loop=loop)()
 
 
 def _hypercorn_config(settings: Settings) -> HyperConfig:
@@ -118,12 +104,20 @@ async def serve(
         async with (
             trio_asyncio.open_loop(),
             open_postgres_dsn(settings) as dsn,
-            open_database(dsn) as db,
+            # The control plane (the supervisor's writes, the API's reads) has a pool
+            # of its own that job work cannot take, with timeouts: it answers 503
+            # rather than hang. Job work (ctx.db) gets the other one.
+            open_database(dsn, min_size=1, max_size=CONTROL_POOL_SIZE,
+                          acquire_timeout=CONTROL_ACQUIRE_TIMEOUT_S,
+                          command_timeout=CONTROL_COMMAND_TIMEOUT_S,
+                          connect_attempts=CONNECT_ATTEMPTS) as db,
+            open_database(dsn, max_size=WORK_POOL_SIZE) as work_db,
         ):
             await apply_migrations(db)
-            async with hold_owner_lock(db, owner):
-                kinds = build_registry(features)
-                supervisor = Supervisor(db, settings, kinds, owner)
+            kinds = build_registry(features)
+            supervisor = Supervisor(db, settings, kinds, owner, work_db=work_db)
+            async with hold_owner_lock(db, owner, on_lost=supervisor.claim_lost,
+                                       on_regained=supervisor.claim_regained):
                 services = Services(settings=settings, db=db, kinds=kinds, supervisor=supervisor)
                 for feature in features:
                     for prepare in feature.startup:

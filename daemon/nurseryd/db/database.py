@@ -25,13 +25,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import trio
 import trio_asyncio
+
+from ..backoff import RetryPolicy
+from ..errors import DatabaseUnavailable, StartupError
+
+log = logging.getLogger(__name__)
+
+#: Back-off between connection attempts at start (about 1, 2, 4, 8 s ...).
+CONNECT_RETRY = RetryPolicy(max_attempts=1000, base_s=1.0, cap_s=8.0, jitter_floor=0.5)
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/dbname`` of a connection URL: what to show, never the password."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = parts.hostname or (query.get("host") or ["localhost"])[0]
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}/{parts.path.lstrip('/') or '(default)'}"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -52,11 +76,15 @@ class Database:
     the connection goes back to the pool healthy.
     """
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, loop: asyncio.AbstractEventLoop, *,
+                 acquire_timeout: float | None = None) -> None:
         self.pool = pool
         self.dsn = dsn
         #: The trio-asyncio loop asyncpg runs on (for code that must bridge itself).
         self.loop = loop
+        #: How long a call may wait for a free connection before it fails with
+        #: :class:`~nurseryd.errors.DatabaseUnavailable` (``None``: as long as it takes).
+        self.acquire_timeout = acquire_timeout
 
     async def run(
         self,
@@ -72,7 +100,12 @@ class Database:
         """
 
         async def _acquire_and_run() -> T:
-            async with self.pool.acquire() as conn:
+            try:
+                conn = await self.pool.acquire(timeout=self.acquire_timeout)
+            except TimeoutError:
+                raise DatabaseUnavailable(
+                    f"no free connection within {self.acquire_timeout:g} s") from None
+            async with _Released(self.pool, conn):
                 if not transaction:
                     return await fn(conn, *args)
                 async with conn.transaction():
@@ -97,7 +130,7 @@ class Database:
         with trio.move_on_after(1):
             try:
                 return await self.fetchval("SELECT 1") == 1
-            except (OSError, asyncpg.PostgresError):
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnavailable):
                 return False
         return False
 
@@ -120,11 +153,30 @@ async def _fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> 
     return await conn.fetchval(sql, *args)
 
 
+class _Released:
+    """Gives an acquired connection back to its pool, whatever happens (asyncio side)."""
+
+    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+        self._pool = pool
+        self._conn = conn
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._pool.release(self._conn)
+
+
 @asynccontextmanager
 async def open_database(
-    dsn: str, *, min_size: int = 2, max_size: int = 10
+    dsn: str, *, min_size: int = 2, max_size: int = 10, acquire_timeout: float | None = None,
+    command_timeout: float | None = None, connect_attempts: int = 1,
 ) -> AsyncIterator[Database]:
     """Open a pool on the running trio-asyncio loop and close it on exit.
+
+    With ``connect_attempts`` > 1 an unreachable server is tried again with
+    back-off; the last failure is a :class:`StartupError` whose one line names
+    the server (never its password) and why.
 
     Must be entered inside ``trio_asyncio.open_loop()``.
     """
@@ -133,12 +185,26 @@ async def open_database(
     async def _create() -> asyncpg.Pool:
         return await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, init=_init_connection,
-            command_timeout=None,
+            command_timeout=command_timeout,
         )
 
-    pool = await trio_asyncio.aio_as_trio(_create, loop=loop)()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            pool = await trio_asyncio.aio_as_trio(_create, loop=loop)()
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            delay = CONNECT_RETRY.delay(attempt) if attempt < connect_attempts else None
+            reason = _one_line(error)
+            if delay is None:
+                raise StartupError(f"cannot reach PostgreSQL at {describe_dsn(dsn)}"
+                                   f" after {attempt} attempt(s): {reason}") from None
+            log.warning("PostgreSQL at %s not reachable yet (%s); next try in %.1f s",
+                        describe_dsn(dsn), reason, delay)
+            await trio.sleep(delay)
     try:
-        yield Database(pool, dsn, loop)
+        yield Database(pool, dsn, loop, acquire_timeout=acquire_timeout)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             await trio_asyncio.aio_as_trio(pool.close, loop=loop)()

@@ -86,6 +86,7 @@ class Supervisor:
         owner: str,
         *,
         store: JobStore | None = None,
+        work_db: Database | None = None,
     ) -> None:
         if store is None:
             from ..db.jobs import PostgresJobStore
@@ -105,10 +106,13 @@ class Supervisor:
         self._drain = Drain(settings.shutdown_grace)
         self._progress = ProgressFlusher(owner, self._write_soon, PROGRESS_INTERVAL_S)
         self._runner = JobRunner(
-            owner=owner, db=db, settings=settings, writer=self._writer, intake=self._intake,
+            owner=owner, db=work_db or db, settings=settings, writer=self._writer,
+            intake=self._intake,
             registry=self.registry, progress=self._progress,
-            is_draining=lambda: self._drain.draining,
+            is_draining=lambda: self._drain.draining, wait_for_claim=self._wait_for_claim,
         )
+        self._claim_held = trio.Event()
+        self._claim_held.set()
         self._backlog_lock = trio.Lock()
 
     # -- observing ----------------------------------------------------------------------
@@ -156,6 +160,26 @@ class Supervisor:
                 periodic.cancel_scope.cancel()
             self.inserts.close()
             self._writer.close()
+
+    # -- the owner lock ------------------------------------------------------------------
+
+    def claim_lost(self) -> None:
+        """The owner lock is gone: a peer may adopt our jobs. Stop every running job
+        (each goes back to ``queued``, a write guarded by owner and attempt, so
+        nothing lands if a peer took it first) and start none until
+        :meth:`claim_regained`."""
+        if self._claim_held.is_set():
+            self._claim_held = trio.Event()
+        for handle in list(self.registry.values()):
+            if handle.running:
+                handle.stop(StopReason.SHUTDOWN)
+
+    def claim_regained(self) -> None:
+        """The lock is ours again: jobs may start; the rescan finds what was requeued."""
+        self._claim_held.set()
+
+    async def _wait_for_claim(self) -> None:
+        await self._claim_held.wait()
 
     def request_stop(self) -> None:
         """Begin the drain: no intake, grace for running jobs, then cancel the rest.

@@ -13,7 +13,7 @@ next start, which is the crash path and is safe).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -51,6 +51,7 @@ class JobRunner:
         registry: MutableMapping[int, JobHandle],
         progress: ProgressFlusher,
         is_draining: Callable[[], bool],
+        wait_for_claim: Callable[[], Awaitable[None]],
     ) -> None:
         self.owner = owner
         self._db = db
@@ -60,6 +61,7 @@ class JobRunner:
         self._registry = registry
         self._progress = progress
         self._is_draining = is_draining
+        self._wait_for_claim = wait_for_claim
         self._limiters: dict[str, trio.CapacityLimiter] = {}
         self.running = 0
         self._job_ended = trio.Event()
@@ -84,6 +86,7 @@ class JobRunner:
                     if self._is_draining():
                         handle.stop(StopReason.SHUTDOWN)
                         await trio.lowlevel.checkpoint()
+                    await self._wait_for_claim()  # no start while the owner lock is lost
                     self._intake.release()
                     released = True
                     started = await self._start(handle)
