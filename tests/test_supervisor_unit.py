@@ -71,7 +71,9 @@ async def supervisor(
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         try:
-            yield sup, store
+            # Virtual time: a test that would wait forever fails in a moment instead.
+            with trio.fail_after(7 * 86400):
+                yield sup, store
         finally:  # a failing test must not leave the supervisor running
             sup.request_stop()
             sup.request_stop()

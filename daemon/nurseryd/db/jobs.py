@@ -12,6 +12,7 @@ are what the supervisor's group committers flush: one round trip for many jobs.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -122,7 +123,8 @@ WITH orphans AS (
     SELECT id, status AS was FROM jobs
     WHERE status = ANY($2::text[])
       AND (owner IS NULL
-           OR (owner <> $1 AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})))
+           OR (owner <> $1 AND ($5::text[] IS NULL OR owner = ANY($5::text[]))
+               AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})))
     FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs SET owner = $1,
@@ -219,7 +221,7 @@ class PostgresJobStore:
     async def list(
         self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
         limit: int,
-    ) -> list[Row]:
+    ) -> Sequence[Row]:
         return await self.db.fetch(
             f"{_SELECT} WHERE ($1::text IS NULL OR kind = $1)"
             " AND ($2::text[] IS NULL OR status = ANY($2))"
@@ -243,26 +245,34 @@ class PostgresJobStore:
             "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())"
             " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE))
 
-    async def cancel_requests_among(self, job_ids: Sequence[int]) -> list[tuple[int, Any]]:
+    async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         rows = await self.db.fetch(
             "SELECT id, cancel_requested_at FROM jobs"
             " WHERE id = ANY($1::bigint[]) AND cancel_requested_at IS NOT NULL", list(job_ids))
         return [(row["id"], row["cancel_requested_at"]) for row in rows]
 
-    async def adopt_orphans(self, owner: str) -> int:
+    async def dead_owners(self, owner: str) -> set[str]:
+        rows = await self.db.fetch(
+            "SELECT DISTINCT owner FROM jobs WHERE status = ANY($2::text[])"
+            " AND owner IS NOT NULL AND owner <> $1"
+            f" AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})",
+            owner, _values(ACTIVE))
+        return {row["owner"] for row in rows}
+
+    async def adopt_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
         """An owner is alive exactly while its process holds its advisory lock (a
         session lock dies with the connection, so a SIGKILLed daemon releases it
         at once): no lease to wait out, and a live daemon's jobs are never taken,
         so a job never runs twice at once."""
         rows = await self.db.fetch(
             _ADOPT, owner, _values(ACTIVE), _values(statuses_allowing(Event.RECOVER)),
-            target_of(Event.RECOVER).value)
+            target_of(Event.RECOVER).value, None if owners is None else list(owners))
         recoverable = {status.value for status in statuses_allowing(Event.RECOVER)}
         self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows
                           if row["was"] in recoverable)
         return len(rows)
 
-    async def queued_for(self, owner: str, after_id: int, limit: int) -> list[Row]:
+    async def queued_for(self, owner: str, after_id: int, limit: int) -> Sequence[Row]:
         return await self.db.fetch(
             f"{_SELECT} WHERE owner = $1 AND status = $2 AND id > $3 ORDER BY id LIMIT $4",
             owner, Status.QUEUED.value, after_id, limit,
@@ -331,3 +341,14 @@ async def status_constraint(db: Database) -> list[str]:
         " WHERE conrelid = 'jobs'::regclass AND contype = 'c'"
         " AND pg_get_constraintdef(oid) LIKE '%status%'")
     return sorted(re.findall(r"'([a-z_]+)'::text", definition or ""))
+
+
+async def counts_by_kind_and_status(
+    db: Database, statuses: Iterable[Status]
+) -> dict[tuple[str, str], int]:
+    """``(kind, status) -> jobs`` for ``statuses``, across every daemon sharing the
+    table (one statement; the metrics scrape reads it, cached)."""
+    rows = await db.fetch(
+        "SELECT kind, status, count(*) AS jobs FROM jobs WHERE status = ANY($1::text[])"
+        " GROUP BY kind, status", _values(statuses))
+    return {(row["kind"], row["status"]): row["jobs"] for row in rows}

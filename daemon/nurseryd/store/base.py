@@ -25,6 +25,7 @@ like procrastinate's in-memory connector).
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,8 +36,15 @@ from ..lifecycle import Event, Status
 
 log = logging.getLogger(__name__)
 
-#: A job row as the store returns it (``PUBLIC_FIELDS`` plus ``checkpoint`` and ``owner``).
-Row = Mapping[str, Any]
+class Row(Protocol):
+    """A job row as the store returns it (``PUBLIC_FIELDS`` plus ``checkpoint`` and ``owner``).
+
+    Read it by column name only: the PostgreSQL store hands out asyncpg records,
+    which are no ``Mapping`` (iterating one yields its values, not its keys), the
+    memory store hands out dicts.
+    """
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 PUBLIC_FIELDS = (
     "id", "kind", "status", "total", "processed", "failed", "error", "params", "result",
@@ -219,7 +227,7 @@ class JobStore(Protocol):
     async def list(
         self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
         limit: int,
-    ) -> list[Row]:
+    ) -> Sequence[Row]:
         """Newest first; keyset pagination by id (``before_id``)."""
         ...
 
@@ -232,16 +240,21 @@ class JobStore(Protocol):
         """Record a cancel request for the daemon that holds the job."""
         ...
 
-    async def cancel_requests_among(self, job_ids: Sequence[int]) -> list[tuple[int, Any]]:
+    async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         """``(id, cancel_requested_at)`` of those jobs someone asked to cancel."""
         ...
 
-    async def adopt_orphans(self, owner: str) -> int:
-        """Requeue (the ``recover`` transition) and take over every unfinished job
-        whose owner is dead; returns how many."""
+    async def dead_owners(self, owner: str) -> set[str]:
+        """Other owners of unfinished jobs whose lock is free now."""
         ...
 
-    async def queued_for(self, owner: str, after_id: int, limit: int) -> list[Row]:
+    async def adopt_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
+        """Requeue (the ``recover`` transition) and take over every unfinished job
+        whose owner is dead (only of ``owners``, when given, and unowned ones);
+        returns how many."""
+        ...
+
+    async def queued_for(self, owner: str, after_id: int, limit: int) -> Sequence[Row]:
         """This owner's queued jobs with ids above ``after_id``, oldest first."""
         ...
 

@@ -14,6 +14,7 @@ same interleavings a real store allows.
 
 from __future__ import annotations
 
+import builtins
 import copy
 from collections.abc import Sequence
 from typing import Any
@@ -148,15 +149,23 @@ class MemoryJobStore:
         if row is not None and Status(row["status"]) in ACTIVE:
             row["cancel_requested_at"] = row["cancel_requested_at"] or now()
 
-    async def cancel_requests_among(self, job_ids: Sequence[int]) -> list[tuple[int, Any]]:
+    async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         await self._round_trip("cancel_requests_among")
         return [(job_id, self.rows[job_id]["cancel_requested_at"]) for job_id in job_ids
                 if job_id in self.rows and self.rows[job_id]["cancel_requested_at"]]
 
-    async def adopt_orphans(self, owner: str) -> int:
+    async def dead_owners(self, owner: str) -> set[str]:
+        await self._round_trip("dead_owners")
+        return {row["owner"] for row in self.rows.values()
+                if Status(row["status"]) in ACTIVE and row["owner"] is not None
+                and self._owner_dead(row["owner"], owner)}
+
+    async def adopt_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
         await self._round_trip("adopt_orphans")
         adopted = 0
         for row in self.rows.values():
+            if owners is not None and row["owner"] is not None and row["owner"] not in owners:
+                continue
             if Status(row["status"]) in ACTIVE and self._owner_dead(row["owner"], owner):
                 adopted += 1
                 row["owner"] = owner
@@ -165,7 +174,7 @@ class MemoryJobStore:
                     self.feed.publish([JobChanged(Event.RECOVER, self._copy(row))])
         return adopted
 
-    async def queued_for(self, owner: str, after_id: int, limit: int) -> list[Row]:
+    async def queued_for(self, owner: str, after_id: int, limit: int) -> Sequence[Row]:
         await self._round_trip("queued_for")
         rows = [row for row in sorted(self.rows.values(), key=lambda r: r["id"])
                 if row["owner"] == owner and row["status"] == Status.QUEUED.value

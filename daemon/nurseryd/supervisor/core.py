@@ -110,6 +110,7 @@ class Supervisor:
             intake=self._intake,
             registry=self.registry, progress=self._progress,
             is_draining=lambda: self._drain.draining, wait_for_claim=self._wait_for_claim,
+            claim_held=lambda: self._claim_held.is_set(),
         )
         self._claim_held = trio.Event()
         self._claim_held.set()
@@ -217,10 +218,16 @@ class Supervisor:
         lost). A database error skips one round; it never stops the daemon.
         """
         first = True
+        suspects: set[str] = set()
         while not self.draining:
             try:
                 if not first:
-                    adopted = await self.store.adopt_orphans(self.owner)
+                    # A peer's lock must be found free in two scans in a row: by then
+                    # a peer that only lost its lock connection has noticed (it checks
+                    # every second) and stopped its jobs, so they never run twice.
+                    dead = await self.store.dead_owners(self.owner)
+                    confirmed, suspects = dead & suspects, dead - suspects
+                    adopted = await self.store.adopt_orphans(self.owner, sorted(confirmed))
                     if adopted:
                         log.info("adopted %d unfinished job(s) of a daemon that stopped",
                                  adopted)

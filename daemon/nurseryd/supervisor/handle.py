@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +80,7 @@ class RunningJob:
         self._save_checkpoint = save_checkpoint
         self.job_id = handle.id
         self.kind = handle.kind.name
-        self.params = handle.params
+        self.params: Mapping[str, Any] = handle.params
         self.checkpoint = handle.checkpoint
         self.attempts = handle.attempts
         self.db = db

@@ -52,6 +52,7 @@ class JobRunner:
         progress: ProgressFlusher,
         is_draining: Callable[[], bool],
         wait_for_claim: Callable[[], Awaitable[None]],
+        claim_held: Callable[[], bool],
     ) -> None:
         self.owner = owner
         self._db = db
@@ -62,6 +63,7 @@ class JobRunner:
         self._progress = progress
         self._is_draining = is_draining
         self._wait_for_claim = wait_for_claim
+        self._claim_held = claim_held
         self._limiters: dict[str, trio.CapacityLimiter] = {}
         self.running = 0
         self._job_ended = trio.Event()
@@ -90,6 +92,9 @@ class JobRunner:
                     self._intake.release()
                     released = True
                     started = await self._start(handle)
+                    if started and not self._claim_held():
+                        # The owner lock went while the start was being written.
+                        handle.stop(StopReason.SHUTDOWN)
                     if started:
                         try:
                             await handle.kind.run(self._context(handle))
