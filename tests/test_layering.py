@@ -7,6 +7,7 @@ Floors, top to bottom (an area may import its own floor and the ones below)::
     features                      the one list of what the daemon can do
     http, supervisor
     kinds
+    observe                       metrics and logs (kinds count through ctx.metrics)
     db, store, lifecycle, errors, config, batching, backoff, systemd, services
 
 Why a test: an upward import is how cycles start (``http/app.py`` and
@@ -33,6 +34,7 @@ FLOORS: list[set[str]] = [
     {"features"},
     {"http", "supervisor"},
     {"kinds"},
+    {"observe"},
     {"db", "store", "lifecycle", "errors", "config", "batching", "backoff", "systemd",
      "services"},
 ]
@@ -46,6 +48,7 @@ _TYPE_ONLY = ("Services is the plain record every hook receives; it names the cl
 ALLOWED_UPWARD: dict[tuple[str, str], tuple[bool, str]] = {
     ("nurseryd.services", "supervisor"): (True, _TYPE_ONLY),
     ("nurseryd.services", "kinds"): (True, _TYPE_ONLY),
+    ("nurseryd.services", "observe"): (True, _TYPE_ONLY),
     ("nurseryd.config", "features"): (
         False, "load_settings() without features= loads the standard ones, for tests and "
         "tools that import it from config; the daemon (cli) passes FEATURES itself"),
