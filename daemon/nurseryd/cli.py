@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 from functools import partial
@@ -14,19 +13,15 @@ import trio
 from .config import Settings, load_settings
 from .errors import ConfigError, StartupError
 from .features import FEATURES
+from .observe.logs import configure_logging
 
 
 def _load(path: str | None) -> Settings:
     return load_settings(Path(path) if path else None, features=FEATURES)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("hypercorn.error").setLevel(logging.WARNING)
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+def _configure_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format, access_log=settings.access_log)
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 
@@ -52,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration OK: bind {settings.bind}, state_dir {settings.state_dir}, "
               f"database {'embedded' if not settings.database_url else 'external'}, "
               f"shutdown_grace {settings.shutdown_grace:g}s, queue_size {settings.queue_size}")
+        print(f"  logs: {settings.log_level} as {settings.log_format}, access log "
+              f"{'on' if settings.access_log else 'off'}; /metrics "
+              f"{'needs the bearer token' if settings.metrics_token else 'open'}")
         for kind, limits in sorted(settings.kinds.items()):
             print(f"  kind {kind}: timeout {limits.default_timeout_s:g}s "
                   f"(max {limits.max_timeout_s:g}s), concurrency {limits.concurrency}")
         return 0
 
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     from .root import serve
 
     try:

@@ -94,6 +94,12 @@ class Settings:
     #: How many accepted jobs may wait for a worker slot before triggers get 503.
     queue_size: int = 10_000
     log_level: str = "INFO"
+    #: ``text`` (one human line per event) or ``json`` (one object per line).
+    log_format: str = "text"
+    #: Log every HTTP request (hypercorn's access log, redacted like every line).
+    access_log: bool = False
+    #: When set, ``GET /metrics`` requires ``Authorization: Bearer <token>``.
+    metrics_token: str | None = field(default=None, repr=False)
     kinds: Mapping[str, KindLimits] = field(default_factory=lambda: dict(BUILTIN_KIND_LIMITS))
     #: Parsed feature sections, by section name (see :class:`ConfigSection`).
     sections: Mapping[str, Any] = field(default_factory=dict)
@@ -188,10 +194,47 @@ _ENV_KEYS = {
     "NURSERYD_SHUTDOWN_GRACE": "shutdown_grace",
     "NURSERYD_QUEUE_SIZE": "queue_size",
     "NURSERYD_LOG_LEVEL": "log_level",
+    "NURSERYD_LOG_FORMAT": "log_format",
+    "NURSERYD_ACCESS_LOG": "access_log",
+    "NURSERYD_METRICS_TOKEN": "metrics_token",
 }
 _TOP_LEVEL_KEYS = {"bind", "state_dir", "database_url", "shutdown_grace", "queue_size",
-                   "log_level", "kinds"}
+                   "log_level", "log_format", "access_log", "metrics_token", "kinds"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+_LOG_FORMATS = ("text", "json")
+_ENV_REFERENCE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    """``true``/``false`` in TOML; ``1``/``0``, ``true``/``false``, ``yes``/``no``,
+    ``on``/``off`` from the environment."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _parse_token(key: str, value: Any) -> str | None:
+    """A literal token, or ``env:NAME`` (read now); unset or empty: no token."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected a token string or \"env:VARIABLE\"")
+    match = _ENV_REFERENCE.match(value)
+    if match:
+        token = os.environ.get(match.group(1))
+        if not token:
+            raise ConfigError(key, f"environment variable {match.group(1)} is not set (the "
+                              "token is read from it)")
+        value = token
+    elif value.startswith("env:"):
+        raise ConfigError(key, f"{value!r}: after env: put an environment variable name")
+    if value != value.strip() or any(not char.isprintable() for char in value):
+        raise ConfigError(key, "the token must not contain spaces at its ends or control "
+                          "characters")
+    return value
 
 
 def load_raw(path: Path | None) -> dict[str, Any]:
@@ -292,6 +335,12 @@ def load_settings(
     log_level = str(core.get("log_level", "INFO")).upper()
     if log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"expected one of {', '.join(sorted(_LOG_LEVELS))}")
+    log_format = core.get("log_format", "text")
+    if not isinstance(log_format, str) or log_format.strip().lower() not in _LOG_FORMATS:
+        raise ConfigError("log_format", f"expected one of {', '.join(_LOG_FORMATS)} (text: "
+                          f"one line per event, json: one object per line), got {log_format!r}")
+    access_log = parse_bool("access_log", core.get("access_log", False))
+    metrics_token = _parse_token("metrics_token", core.get("metrics_token"))
 
     sections: dict[str, Any] = {}
     for name, section in sections_by_name.items():
@@ -308,6 +357,9 @@ def load_settings(
         shutdown_grace=grace,
         queue_size=queue_size,
         log_level=log_level,
+        log_format=log_format.strip().lower(),
+        access_log=access_log,
+        metrics_token=metrics_token,
         kinds=_parse_kind_limits(core.get("kinds")),
         sections=sections,
     )
