@@ -15,6 +15,7 @@ import trio
 
 from nurseryd.config import Settings, load_settings
 from nurseryd.db import Database
+from nurseryd.observe.metrics import Metrics
 
 
 def _fresh_counters() -> dict[str, int | None]:
@@ -36,6 +37,8 @@ class RecordingContext:
     on_report: Callable[[dict[str, int | None]], None] | None = None
     #: Write save_checkpoint() to the job's row, as the supervisor would.
     persist_checkpoint: bool = False
+    #: What the kind counted (a registry of its own, as each daemon has).
+    metrics: Metrics = field(default_factory=Metrics)
     _changed: trio.Event = field(default_factory=trio.Event, repr=False)
 
     def _notify(self) -> None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from ..config import Settings
     from ..db import Database
+    from ..observe.metrics import Metrics
 
 
 class JobContext(Protocol):
@@ -40,6 +41,9 @@ class JobContext(Protocol):
     attempts: int
     db: Database
     settings: Settings
+    #: The daemon's metrics, for what only the kind sees (rows migrated, sources
+    #: fetched): count there what has committed. Job counts need nothing from a kind.
+    metrics: Metrics
 
     def report(
         self,

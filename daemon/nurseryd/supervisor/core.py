@@ -40,6 +40,7 @@ from ..errors import (
 )
 from ..kinds.base import JobKind, KindRegistry
 from ..lifecycle import ACTIVE, Status, StopReason
+from ..observe.metrics import Metrics
 from ..store.base import (
     Change,
     JobStore,
@@ -87,6 +88,7 @@ class Supervisor:
         *,
         store: JobStore | None = None,
         work_db: Database | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if store is None:
             from ..db.jobs import PostgresJobStore
@@ -97,6 +99,8 @@ class Supervisor:
         self.kinds = kinds
         self.owner = owner
         self.store = store
+        #: What kinds count through ``ctx.metrics`` (a registry of its own if none is given).
+        self.metrics = metrics or Metrics(kinds.names())
         self.registry: dict[int, JobHandle] = {}
         self.inserts: GroupCommitter[NewJob, Row | None] = GroupCommitter(
             "job inserts", store.insert)
@@ -110,7 +114,7 @@ class Supervisor:
             intake=self._intake,
             registry=self.registry, progress=self._progress,
             is_draining=lambda: self._drain.draining, wait_for_claim=self._wait_for_claim,
-            claim_held=lambda: self._claim_held.is_set(),
+            claim_held=lambda: self._claim_held.is_set(), metrics=self.metrics,
         )
         self._claim_held = trio.Event()
         self._claim_held.set()

@@ -11,12 +11,15 @@ A second request (a second SIGTERM, or Ctrl-C twice) ends the grace at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
 from ..lifecycle import StopReason
 from .handle import JobHandle
+
+log = logging.getLogger("nurseryd.supervisor")
 
 
 class Drain:
@@ -46,13 +49,27 @@ class Drain:
         job_ended: Callable[[], Awaitable[None]],
     ) -> None:
         """Stop waiting jobs, give running ones the grace, then stop the rest."""
+        waiting = 0
         for handle in list(held()):
             if not handle.running:
                 handle.stop(StopReason.SHUTDOWN)  # stays queued; runs after restart
+                waiting += 1
+        started = trio.current_time()
+        log.info("drain: %d running job(s) get up to %g s to finish; %d waiting job(s) stay "
+                 "queued", running(), 0 if self.forced else self.grace_s, waiting,
+                 extra={"event": "drain", "running": running(), "waiting": waiting})
         with trio.move_on_after(self.grace_s) as self._grace_scope:
             if self.forced:
                 self._grace_scope.cancel()
             while running():
                 await job_ended()
+        left = running()
+        if left:
+            log.warning("drain: grace over after %.1f s; stopping %d job(s), they resume "
+                        "after the restart", trio.current_time() - started, left,
+                        extra={"event": "drain", "running": left})
+        else:
+            log.info("drain: no job running after %.1f s", trio.current_time() - started,
+                     extra={"event": "drain", "running": 0})
         for handle in list(held()):
             handle.stop(StopReason.SHUTDOWN)

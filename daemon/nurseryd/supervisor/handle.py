@@ -16,6 +16,7 @@ from ..store.base import Row
 if TYPE_CHECKING:
     from ..config import Settings
     from ..db import Database
+    from ..observe.metrics import Metrics
 
 
 @dataclass(eq=False)
@@ -71,6 +72,7 @@ class RunningJob:
         owner: str,
         db: Database,
         settings: Settings,
+        metrics: Metrics,
         progressed: Callable[[JobHandle], None],
         save_checkpoint: Callable[[JobHandle], Awaitable[None]],
     ) -> None:
@@ -85,6 +87,7 @@ class RunningJob:
         self.attempts = handle.attempts
         self.db = db
         self.settings = settings
+        self.metrics = metrics
 
     def report(
         self, *, total: int | None = None, processed: int | None = None, failed: int | None = None

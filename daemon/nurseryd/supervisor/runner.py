@@ -30,6 +30,7 @@ from .watchers import ProgressFlusher
 if TYPE_CHECKING:
     from ..config import Settings
     from ..db import Database
+    from ..observe.metrics import Metrics
 
 log = logging.getLogger("nurseryd.supervisor")
 
@@ -53,6 +54,7 @@ class JobRunner:
         is_draining: Callable[[], bool],
         wait_for_claim: Callable[[], Awaitable[None]],
         claim_held: Callable[[], bool],
+        metrics: Metrics,
     ) -> None:
         self.owner = owner
         self._db = db
@@ -64,6 +66,7 @@ class JobRunner:
         self._is_draining = is_draining
         self._wait_for_claim = wait_for_claim
         self._claim_held = claim_held
+        self._metrics = metrics
         self._limiters: dict[str, trio.CapacityLimiter] = {}
         self.running = 0
         self._job_ended = trio.Event()
@@ -123,7 +126,8 @@ class JobRunner:
             }, owner=self.owner, attempt=handle.attempts))
 
         return RunningJob(handle, owner=self.owner, db=self._db, settings=self._settings,
-                          progressed=self._progress.mark, save_checkpoint=save_checkpoint)
+                          metrics=self._metrics, progressed=self._progress.mark,
+                          save_checkpoint=save_checkpoint)
 
     async def _write(self, change: Change, timeout: float = STATUS_WRITE_TIMEOUT_S) -> Row | None:
         """Shielded and bounded; ``None`` if the guard refused it.
@@ -161,9 +165,6 @@ class JobRunner:
         transition = self._final_transition(handle, started, returned, raised)
         if transition is None:
             return
-        if transition.event is Event.FAIL:
-            log.warning("job %d (%s) failed: %s", handle.id, handle.kind.name,
-                        transition.values.get("error"))
         try:
             handle.final_row = await self._write_until_it_lands(transition)
         except Exception as error:

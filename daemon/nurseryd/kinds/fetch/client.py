@@ -68,12 +68,25 @@ class Page:
 
 
 class FetchError(Exception):
-    """A source could not be fetched; ``str()`` is shown in the job result."""
+    """A source could not be fetched; ``str()`` is shown in the job result.
 
-    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1) -> None:
+    ``cause`` is the failure's class for metrics (a bounded label): ``http_4xx``,
+    ``http_5xx`` (from ``status``), ``too_large``, ``redirects``, ``network``,
+    ``timeout``, ``config``.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, attempts: int = 1,
+                 cause: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.attempts = attempts
+        self.cause = cause or _cause_of(status)
+
+
+def _cause_of(status: int | None) -> str:
+    if status is None:
+        return "network"
+    return "http_4xx" if status < 500 else "http_5xx"
 
 
 class _TooLarge(Exception):
@@ -135,10 +148,11 @@ async def get_page(
                 retry_after = parse_retry_after(response.headers.get("retry-after"),
                                                 datetime.now(UTC))
         except _TooLarge as error:
-            raise FetchError(str(error), status=200, attempts=number) from None
+            raise FetchError(str(error), status=200, attempts=number,
+                             cause="too_large") from None
         except httpx.TooManyRedirects:
             raise FetchError(f"too many redirects (a redirect loop?) from {url}",
-                             attempts=number) from None
+                             attempts=number, cause="redirects") from None
         except httpx.HTTPError as error:
             if not is_transient_error(error):
                 raise FetchError(f"{type(error).__name__}: {error}", attempts=number) from None

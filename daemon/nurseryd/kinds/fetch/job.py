@@ -148,7 +148,7 @@ def request_headers(source: SourceConfig, validators: Validators | None) -> dict
         try:
             headers[header.name] = header.resolve()
         except LookupError as error:
-            raise FetchError(str(error)) from None
+            raise FetchError(str(error), cause="config") from None
     if validators is not None:
         if validators.etag:
             headers["If-None-Match"] = validators.etag
@@ -178,19 +178,23 @@ class FetchRun:
             outcome.outcome = "running"
             started = trio.current_time()
             validators: Validators | None = None
+            failure: str | None = None  # the error class, for metrics
             try:
                 validators = await self._fetch_pages(source, outcome)
             except (FetchError, ParseError) as error:
+                failure = error.cause if isinstance(error, FetchError) else "parse"
                 outcome.outcome, outcome.error = "error", str(error)
                 if isinstance(error, FetchError) and error.status is not None:
                     outcome.http_status = error.status
             except Exception as error:  # a database error, say: this source only
+                failure = "internal"
                 log.exception("fetch source %s failed", source.name)
                 outcome.outcome, outcome.error = "error", f"{type(error).__name__}: {error}"
             finally:
                 outcome.duration_s = trio.current_time() - started
             self.progress.report()
             self.ctx.set_result(build_result(self.outcomes))
+            self.ctx.metrics.fetch_source_done(source.name, outcome, failure)
             await self._save_state(source, outcome, validators)
 
     async def _fetch_pages(self, source: SourceConfig, outcome: SourceOutcome) -> Validators:
@@ -211,7 +215,8 @@ class FetchRun:
                                       policy=self.policy)
             if budget.cancelled_caught:
                 raise FetchError(f"timed out after {source.timeout_s:g} s "
-                                 f"(page {outcome.pages + 1}, per-source timeout_s)")
+                                 f"(page {outcome.pages + 1}, per-source timeout_s)",
+                                 cause="timeout")
             outcome.pages += 1
             outcome.attempts += page.attempts
             outcome.http_status = page.status

@@ -262,7 +262,10 @@ async def run_pipeline(ctx: JobContext, source: Source, target: Target, *,
                         raise JobFailed(f"source {source.source_type} sent rows before "
                                         "its header")
                     batches, pending = _take_ready(event, receive)
+                    before = counters.saved()
                     await _load(ctx, plan, batches, counters, source, mode)
+                    ctx.metrics.migration_batch(source.source_type, target.name, before,
+                                                counters.saved())  # committed: count it
                     for other in pending:  # a Total that arrived between batches
                         if isinstance(other, Total):
                             counters.expected = other.total
