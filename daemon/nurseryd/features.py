@@ -25,10 +25,12 @@ from .http.migration import blueprint as migration_blueprint
 from .http.migration_sources import blueprint as migration_sources_blueprint
 from .kinds.base import JobKind, KindRegistry
 from .kinds.fetch import FETCH_KIND, FETCH_SECTION, run_fetch_schedule
+from .kinds.fetch.freshness import fetch_freshness
 from .kinds.migrate import MIGRATION_KIND, prepare_targets, sweep_uploads_periodically
 from .kinds.migrate.source_config import GOOGLE_SHEETS_SECTION, SOURCES_SECTION
 from .kinds.migrate.targets import MIGRATION_SECTION, TARGETS_SECTION
 from .kinds.sleep import NOOP_KIND, SLEEP_KIND, SQL_SLEEP_KIND
+from .observe.hub import MetricsHook
 from .services import Services
 
 #: A start-up check or background task: it gets the shared objects.
@@ -49,6 +51,9 @@ class Feature:
     startup: tuple[Hook, ...] = ()
     #: Long-running tasks (schedulers), started once HTTP listens; shutdown cancels them.
     background: tuple[Hook, ...] = ()
+    #: Called when ``/metrics`` is scraped (at most every few seconds): metric families
+    #: of state only this feature knows, such as how fresh the fetch is.
+    metrics: tuple[MetricsHook, ...] = ()
 
 
 DIAGNOSTICS = Feature(
@@ -72,6 +77,7 @@ FETCH = Feature(
     blueprints=(fetch_blueprint,),
     config_sections=(FETCH_SECTION,),
     background=(run_fetch_schedule,),
+    metrics=(fetch_freshness,),
 )
 
 #: Everything the standard daemon does.

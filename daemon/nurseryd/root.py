@@ -8,7 +8,8 @@
             └── root nursery
                 ├── supervisor.run       (job nursery: every job, each in its cancel scope)
                 ├── hypercorn serve      (HTTP; handlers only submit into the channel)
-                └── aux nursery          (signals, systemd watchdog/status, schedulers)
+                └── aux nursery          (signals, systemd watchdog/status, event-loop
+                                          lag, schedulers)
 
 Shutdown runs top-down: a signal stops intake and drains the supervisor (grace,
 then cancel, statuses written shielded); only when every job has ended is
@@ -44,6 +45,9 @@ from .db.owner_lock import hold_owner_lock
 from .errors import StartupError
 from .features import FEATURES, Feature, build_registry, missing_sections
 from .http.app import create_app
+from .observe.hub import Observability
+from .observe.logs import ACCESS_LOG_FORMAT
+from .observe.metrics import Metrics
 from .services import Services
 from .supervisor import Supervisor
 from .systemd import Notifier
@@ -76,7 +80,11 @@ def _hypercorn_config(settings: Settings) -> HyperConfig:
     # Requests that arrived during the drain have been answered by now; this only
     # bounds how long idle keep-alive connections may hold the exit up.
     config.graceful_timeout = 0.25
-    config.accesslog = None
+    if settings.access_log:  # through the daemon's handler: its format, redacted
+        config.accesslog = logging.getLogger("hypercorn.access")
+        config.access_log_format = ACCESS_LOG_FORMAT
+    else:
+        config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
     return config
@@ -115,10 +123,17 @@ async def serve(
         ):
             await apply_migrations(db)
             kinds = build_registry(features)
-            supervisor = Supervisor(db, settings, kinds, owner, work_db=work_db)
+            metrics = Metrics(kinds.names())
+            supervisor = Supervisor(db, settings, kinds, owner, work_db=work_db, metrics=metrics)
+            # Subscribed to the job feed before the supervisor runs: adoptions at start count.
+            observability = Observability(
+                metrics, supervisor, supervisor.store.feed, db=db,
+                pools={"control": db, "work": work_db},
+                hooks=[hook for feature in features for hook in feature.metrics])
             async with hold_owner_lock(db, owner, on_lost=supervisor.claim_lost,
                                        on_regained=supervisor.claim_regained):
-                services = Services(settings=settings, db=db, kinds=kinds, supervisor=supervisor)
+                services = Services(settings=settings, db=db, kinds=kinds, supervisor=supervisor,
+                                    observability=observability)
                 for feature in features:
                     for prepare in feature.startup:
                         await prepare(services)
@@ -173,6 +188,7 @@ async def _run_tree(
             aux.start_soon(watch_signals, aux)
             aux.start_soon(notifier.keep_watchdog_fed)
             aux.start_soon(notifier.report_status, describe)
+            aux.start_soon(services.observability.lag.run)
             for feature in features:
                 for background in feature.background:
                     aux.start_soon(background, services)

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .db import Database
     from .kinds.base import KindRegistry
+    from .observe.hub import Observability
     from .supervisor import Supervisor
 
 
@@ -18,5 +19,7 @@ class Services:
     db: Database
     kinds: KindRegistry
     supervisor: Supervisor
+    #: Metrics, the job observer and the state gauges (``/metrics``).
+    observability: Observability
     #: Where HTTP listens (``http://127.0.0.1:8084``), known once hypercorn is up.
     binds: list[str] = field(default_factory=list)

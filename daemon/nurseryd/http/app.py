@@ -21,6 +21,8 @@ from ..services import Services
 from .context import EXTENSION_KEY
 from .errors import install_error_handlers
 from .jobs import blueprint as jobs_blueprint
+from .metrics import blueprint as metrics_blueprint
+from .metrics import install_request_metrics
 
 
 class HasBlueprints(Protocol):
@@ -39,8 +41,10 @@ def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTr
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.extensions[EXTENSION_KEY] = services
     app.register_blueprint(jobs_blueprint)
+    app.register_blueprint(metrics_blueprint)
     for feature in features:
         for blueprint in feature.blueprints:
             app.register_blueprint(blueprint)
     install_error_handlers(app)
+    install_request_metrics(app, services.observability.metrics)
     return app
