@@ -88,7 +88,7 @@ async def run_daemon(settings: Settings) -> AsyncIterator[InProcessDaemon]:
                 services.supervisor.request_stop()  # no grace in tests
 
 
-_LISTENING = re.compile(r"listening on (http://\S+)")
+_LISTENING = re.compile(r"listening on (http://[^\s\"]+)")  # text or JSON log lines
 
 
 @dataclass

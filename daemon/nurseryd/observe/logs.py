@@ -27,9 +27,9 @@ from typing import IO, Any
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-#: Hypercorn's access log line (when ``access_log`` is on): client, request line,
-#: status, response bytes, seconds.
-ACCESS_LOG_FORMAT = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
+#: Hypercorn's access log line (when ``access_log`` is on): client, request line
+#: (the query string too, redacted), status, response bytes, seconds.
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(Uq)s HTTP/%(H)s" %(s)s %(b)s %(L)ss'
 
 # Bounded repetitions: a long blob in an error message costs linear time, never more.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]{0,30}://)[^\s/?#@]{1,500}@")

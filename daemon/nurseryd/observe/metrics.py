@@ -14,8 +14,8 @@ path or anything else a client chose.
 from __future__ import annotations
 
 import platform
-from importlib import metadata
 from collections.abc import Iterable, Mapping
+from importlib import metadata
 from typing import Protocol
 
 from prometheus_client import (

@@ -14,10 +14,8 @@ metrics endpoint calls it at most every few seconds.
 from __future__ import annotations
 
 import time
-from functools import cache
 from typing import TYPE_CHECKING
 
-import psutil
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ...db.fetch_sources import source_states
@@ -27,9 +25,8 @@ if TYPE_CHECKING:
     from ...services import Services
 
 
-@cache
-def _process_started() -> float:
-    return psutil.Process().create_time()
+#: About when the daemon started: ``features`` imports this module at start-up.
+_STARTED_AT = time.time()
 
 
 def freshness_families(
@@ -63,4 +60,4 @@ async def fetch_freshness(services: Services) -> list[Metric]:
                     for name, state in states.items() if state["last_success_at"] is not None}
     return freshness_families([source.name for source in config.sources], last_success,
                               interval_s=config.interval_s, timeout_s=config.timeout_s,
-                              now=time.time(), since=_process_started())
+                              now=time.time(), since=_STARTED_AT)
