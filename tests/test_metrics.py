@@ -9,6 +9,7 @@ the job observer: a counter asserted after that cannot still be on its way.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.daemon_process import InProcessDaemon, make_settings, run_daemon
 from tests.fetch_servers import LocalServer, Reply, Request, json_reply, open_local_server
 from tests.pgtools import PgServer
 
+ROOT = Path(__file__).resolve().parent.parent
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -197,6 +199,16 @@ async def test_job_metrics_after_completed_failed_and_cancelled_jobs(
     assert 0 <= in_use <= value(samples, "nurseryd_db_pool_connections", pool="control")
     build = [labels for (name, labels) in samples if name == "nurseryd_build_info"]
     assert len(build) == 1 and dict(build[0])["version"]
+
+    # Every metric the operations guide and the dashboard query is one the daemon serves.
+    served = {name for name, _ in samples} | set(types)
+    served |= {f"{name}{suffix}" for name, kind in types.items() if kind == "counter"
+               for suffix in ("_total",)}
+    served |= {f"{name}{suffix}" for name, kind in types.items() if kind == "histogram"
+               for suffix in ("_bucket", "_sum", "_count")}
+    for doc in (ROOT / "docs" / "operations.md", ROOT / "deploy" / "grafana-nurseryd.json"):
+        named = set(re.findall(r"\bnurseryd_[a-z_]+[a-z]", doc.read_text()))
+        assert named and named <= served, (doc.name, sorted(named - served))
 
 
 async def test_migration_rows_by_outcome(database_url: str, state_dir: Path,
