@@ -17,7 +17,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import trio
 from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from nurseryd.config import KindLimits
@@ -27,6 +29,7 @@ from nurseryd.observe import hub
 from nurseryd.observe.jobs import Attempt
 from nurseryd.observe.metrics import Metrics
 from nurseryd.observe.state import StateCollector
+from nurseryd.store.base import ChangeFeed
 from tests import xlsx_factory as xf
 from tests.daemon_process import InProcessDaemon, make_settings, run_daemon
 from tests.fetch_servers import LocalServer, Reply, Request, json_reply, open_local_server
@@ -358,3 +361,33 @@ def test_label_values_stay_bounded() -> None:
     assert value(samples, "nurseryd_http_requests_total", route="unmatched", method="other",
                  status="418") == 1
     assert not any(dict(labels).get("method") == "BREW" for _, labels in samples)
+
+
+async def test_a_scrape_answers_without_what_the_database_cannot_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hub, "READ_TIMEOUT_S", 0.05)
+
+    class DownDatabase:
+        async def fetch(self, *args: Any) -> list[Any]:
+            raise OSError("connection refused")
+
+    async def broken(services: Any) -> list[Any]:
+        raise RuntimeError("no table")
+
+    async def hung(services: Any) -> list[Any]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def fine(services: Any) -> list[Any]:
+        return [GaugeMetricFamily("nurseryd_test_state", "A feature's state.", value=3)]
+
+    observability = hub.Observability(
+        Metrics(["noop"]), FakeSupervisor({}), ChangeFeed(), db=DownDatabase(),  # type: ignore[arg-type]
+        pools={}, hooks=[broken, hung, fine])
+    with trio.fail_after(5):
+        text = (await observability.render(None)).decode()  # type: ignore[arg-type]
+    types, samples = parse(text)
+    assert "nurseryd_cluster_jobs" not in types  # not shown stale, not shown as 0
+    assert value(samples, "nurseryd_test_state") == 3
+    assert value(samples, "nurseryd_jobs_running", kind="noop") == 0

@@ -121,12 +121,14 @@ class Observability:
                 log.warning("metrics: job counts not read within %g s", READ_TIMEOUT_S)
             extra: list[Metric] = []
             for hook in self._hooks:
-                with trio.move_on_after(READ_TIMEOUT_S):
+                name = getattr(hook, "__name__", repr(hook))
+                with trio.move_on_after(READ_TIMEOUT_S) as bounded:
                     try:
                         extra.extend(await hook(services))
                     except Exception as error:
-                        log.warning("metrics: %s failed (%s)", getattr(hook, "__name__", hook),
-                                    error)
+                        log.warning("metrics: %s failed (%s)", name, error)
+                if bounded.cancelled_caught:
+                    log.warning("metrics: %s did not answer within %g s", name, READ_TIMEOUT_S)
             self.state.cluster = cluster
             self.state.extra = extra
             self._refreshed_at = time.monotonic()
