@@ -156,7 +156,7 @@ async def _fetchval(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> 
 class _Released:
     """Gives an acquired connection back to its pool, whatever happens (asyncio side)."""
 
-    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    def __init__(self, pool: asyncpg.Pool, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         self._pool = pool
         self._conn = conn
 

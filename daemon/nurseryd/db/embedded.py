@@ -51,7 +51,9 @@ def _stop(pgdata: Path) -> None:
 
     server = PostgresServer._instances.get(pgdata.resolve())
     user = server.system_user if server is not None else None
-    _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=30)
+    # pgserver sets one function per bundled binary on _commands at import time.
+    pg_ctl = _commands.pg_ctl  # type: ignore[attr-defined]
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=30)
 
 
 @asynccontextmanager

@@ -60,7 +60,9 @@ class UpsertCounts:
 
 
 async def _upsert(conn: asyncpg.Connection, source: str, rows_json: str) -> asyncpg.Record:
-    return await conn.fetchrow(UPSERT_ITEMS, source, rows_json)
+    row = await conn.fetchrow(UPSERT_ITEMS, source, rows_json)
+    assert row is not None  # an aggregate without GROUP BY yields exactly one row
+    return row
 
 
 async def upsert_items(db: Database, source: str, rows_json: Sequence[str]) -> UpsertCounts:

@@ -21,8 +21,9 @@ requeue for a restart, and a daemon without systemd would stay down.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import asyncpg
 import trio
@@ -33,6 +34,8 @@ from .database import Database
 from .jobs import owner_lock_sql
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How often the lock's connection is checked; also the bound on each check.
 WATCH_INTERVAL_S = 1.0
@@ -50,13 +53,13 @@ class OwnerLock:
         self.losses = 0
         self._conn: asyncpg.Connection | None = None
 
-    async def _aio(self, fn: Callable[..., object], *args: object) -> object:
+    async def _aio(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         return await trio_asyncio.aio_as_trio(fn, loop=self.db.loop)(*args)
 
     async def acquire(self, *, wait: bool) -> bool:
         """Take the lock on a new connection; with ``wait``, block until it is free."""
 
-        async def _connect() -> asyncpg.Connection:
+        async def _connect() -> asyncpg.Connection | None:
             conn = await asyncpg.connect(self.db.dsn)
             try:
                 if wait:
@@ -74,7 +77,7 @@ class OwnerLock:
         conn = await self._aio(_connect)
         if conn is None:
             return False
-        self._conn = conn  # type: ignore[assignment]
+        self._conn = conn
         self.held = True
         return True
 
