@@ -20,7 +20,7 @@ from typing import Any
 
 from quart import Response
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import (
     DatabaseUnavailable,
@@ -111,7 +111,7 @@ def install_error_handlers(app: QuartTrio) -> None:
         status = error.code or 500
         detail = _HTTP_DETAIL.get(status, error.description or "")
         headers = {}
-        if status == 405 and getattr(error, "valid_methods", None):
+        if status == 405 and isinstance(error, MethodNotAllowed) and error.valid_methods:
             headers["Allow"] = ", ".join(error.valid_methods)
         return Problem(status, detail, headers=headers).to_response()
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 from quart import request
 
 from .problems import Problem
 
 
+@overload
+def int_arg(name: str, default: int, low: int, high: int) -> int: ...
+@overload
+def int_arg(name: str, default: None, low: int, high: int) -> int | None: ...
 def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     """``?name=N`` as an int within [low, high]; absent or empty gives ``default``."""
     raw = request.args.get(name)
