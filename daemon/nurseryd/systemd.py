@@ -48,7 +48,7 @@ class Notifier:
 
     def notify(self, **fields: object) -> bool:
         """Send ``KEY=VALUE`` lines; logs (never raises) when the send fails."""
-        if self._sock is None:
+        if self._sock is None or self.address is None:
             return False
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:

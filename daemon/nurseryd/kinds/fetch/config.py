@@ -182,6 +182,7 @@ def _parse_fields(key: str, value: Any) -> dict[str, tuple[str, ...]]:
         raise ConfigError(key, "expected a table: normalised field = item field (dotted)")
     allowed = set(NORMALISED_FIELDS) | set(FIELD_ALIASES)
     fields: dict[str, tuple[str, ...]] = {}
+    name: str  # TOML keys are strings
     for name, path in value.items():
         if name not in allowed:
             raise ConfigError(f"{key}.{name}",
@@ -216,7 +217,7 @@ def parse_source(
     timeout = parse_duration(f"{key}.timeout_s", raw.get("timeout_s", DEFAULT_SOURCE_TIMEOUT_S))
     if timeout <= 0:
         raise ConfigError(f"{key}.timeout_s", "must be > 0")
-    fields = {name: (name,) for name in NORMALISED_FIELDS}
+    fields: dict[str, tuple[str, ...]] = {name: (name,) for name in NORMALISED_FIELDS}
     if "fields" in raw:
         fields.update(_parse_fields(f"{key}.fields", raw["fields"]))
     return SourceConfig(

@@ -502,10 +502,10 @@ def match_header(header: Sequence[Any], columns: Sequence[ColumnSpec]) -> Header
     may be missing and are then left untouched by the upsert.
     """
     by_norm: dict[str, int] = {}
-    for index, cell in enumerate(header):
+    for source_index, cell in enumerate(header):
         norm = normalize_header(cell)
         if norm and norm not in by_norm:
-            by_norm[norm] = index
+            by_norm[norm] = source_index
     matched: list[ColumnSpec] = []
     positions: list[int] = []
     used: set[int] = set()

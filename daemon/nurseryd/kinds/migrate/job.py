@@ -85,7 +85,8 @@ PARAMS_BY_SOURCE_TYPE: dict[str, type[MigrationParams]] = {
 
 def parse_migration_params(params: Mapping[str, Any]) -> MigrationParams:
     """The typed params of a migration job, by its ``source_type``."""
-    params_type = PARAMS_BY_SOURCE_TYPE.get(params.get("source_type"))
+    source_type = params.get("source_type")
+    params_type = PARAMS_BY_SOURCE_TYPE.get(source_type) if isinstance(source_type, str) else None
     if params_type is None:
         raise ParamError("source_type", f"expected one of {', '.join(SOURCE_TYPES)}")
     return params_type.parse(params)

@@ -159,6 +159,7 @@ async def _write_rows(conn: asyncpg.Connection, plan: LoadPlan, payload: bytes |
     await conn.copy_to_table(STAGE_TABLE, source=copy_slices(payload), columns=list(plan.columns),
                              format="text")
     row = await conn.fetchrow(plan.upsert)
+    assert row is not None  # an aggregate without GROUP BY yields exactly one row
     return int(row["inserted"]), int(row["updated"])
 
 
@@ -296,7 +297,8 @@ def _take_ready(first: SourceBatch, receive: trio.MemoryReceiveChannel[SourceEve
     transaction saves a stage table, a checkpoint update and a commit per batch.
     When the source is the bottleneck nothing waits and each batch goes alone.
     """
-    batches, others = [first], []
+    batches = [first]
+    others: list[SourceEvent] = []
     rows = first.rows_seen
     while rows < MAX_MERGED_ROWS:
         try:

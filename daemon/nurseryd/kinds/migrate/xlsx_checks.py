@@ -25,7 +25,10 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
@@ -275,7 +278,7 @@ def _read_small(archive: zipfile.ZipFile, name: str, limit: int = 16 * 1024**2) 
         return member.read(limit + 1)[:limit]
 
 
-def _parse_xml(data: bytes, name: str):  # -> xml.etree.ElementTree.Element
+def _parse_xml(data: bytes, name: str) -> Element:
     import xml.etree.ElementTree as ElementTree
 
     try:
@@ -303,13 +306,14 @@ def inspect_workbook(path: Path | str, sheet: str | None, caps: ParseCaps) -> Wo
         namespace = _STRICT_MAIN_NS if workbook.tag.startswith("{" + _STRICT_MAIN_NS) else _MAIN_NS
         pr = workbook.find(f"{{{namespace}}}workbookPr")
         date1904 = pr is not None and pr.get("date1904", "").lower() in ("1", "true")
-        sheets = []
+        sheets: list[tuple[str, str | None]] = []
         for element in workbook.iter(f"{{{namespace}}}sheet"):
             rel_id = next((value for key, value in element.attrib.items()
                            if key.endswith("}id")), None)
             sheets.append((element.get("name", ""), rel_id))
         if not sheets:
             raise WorkbookRejected("the workbook lists no worksheets")
+        chosen: tuple[str, str | None] | None
         if sheet is None:
             chosen = sheets[0]
         else:

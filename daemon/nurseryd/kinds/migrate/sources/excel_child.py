@@ -129,6 +129,7 @@ def run(spec: dict[str, Any], out: Output) -> None:
                             "estimated_calamine_bytes": estimate_calamine_bytes(info)})
     if declared is not None:
         out.send(framing.TOTAL, {"total": max(declared - 1, 0)})
+    last_row: int | None  # openpyxl may not know it
     if reader == "calamine":
         rows, last_row = calamine_rows(path, info)
     else:
