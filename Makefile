@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP)
 
+# The try-it-out daemon serves the diagnostic kinds the README's examples use.
 run: $(STAMP)
-	$(VENV)/bin/nurseryd serve
+	NURSERYD_DIAGNOSTICS=$${NURSERYD_DIAGNOSTICS:-1} $(VENV)/bin/nurseryd serve
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check daemon tests bench

@@ -233,7 +233,7 @@ def bench_http(server: PgServer, seconds: int, connections: int, workdir: Path) 
     server.create_database("bench_http")
     env = {**os.environ, "NURSERYD_DATABASE_URL": server.url("bench_http"),
            "NURSERYD_STATE_DIR": str(workdir / "state"), "NURSERYD_BIND": "127.0.0.1:18181",
-           "NURSERYD_LOG_LEVEL": "WARNING"}
+           "NURSERYD_LOG_LEVEL": "WARNING", "NURSERYD_DIAGNOSTICS": "1"}
     daemon = subprocess.Popen([sys.executable, "-m", "nurseryd.cli", "serve"], env=env)
     bare_file = workdir / "bare.py"
     bare_file.write_text(BARE_APP)

@@ -215,7 +215,7 @@ def run(args: argparse.Namespace, path: Path, server: PgServer, workdir: Path) -
     port = free_port()
     env = {**os.environ, "NURSERYD_DATABASE_URL": server.url("bench_excel"),
            "NURSERYD_STATE_DIR": str(workdir / "state"), "NURSERYD_BIND": f"127.0.0.1:{port}",
-           "NURSERYD_LOG_LEVEL": "WARNING"}
+           "NURSERYD_LOG_LEVEL": "WARNING", "NURSERYD_DIAGNOSTICS": "1"}
     daemon = subprocess.Popen([sys.executable, "-m", "nurseryd.cli", "serve"], env=env)
     base_url = f"http://127.0.0.1:{port}"
     results: list[tuple[float, dict, int, int, int]] = []

@@ -38,7 +38,8 @@ from tests.polling import eventually
 
 
 def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Settings:
-    """Settings for a test daemon: random port, the test's database and state dir.
+    """Settings for a test daemon: random port, the test's database and state dir,
+    diagnostic kinds served (``sleep`` and ``sql_sleep`` are the tests' workhorses).
 
     ``sections=`` replaces only the sections it names; the others keep their defaults.
     """
@@ -47,7 +48,7 @@ def make_settings(database_url: str, state_dir: Path, **overrides: Any) -> Setti
         overrides["sections"] = {**base.sections, **overrides["sections"]}
     return dataclasses.replace(
         base, bind_host="127.0.0.1", bind_port=0, database_url=database_url,
-        state_dir=state_dir, **overrides,
+        state_dir=state_dir, **{"diagnostics": True, **overrides},
     )
 
 
@@ -106,7 +107,8 @@ class DaemonProcess:
     async def start(
         cls, env: Mapping[str, str], *, ready_timeout: float = 30, args: list[str] | None = None
     ) -> AsyncIterator[DaemonProcess]:
-        full_env = {**os.environ, "NURSERYD_BIND": "127.0.0.1:0", **env}
+        full_env = {**os.environ, "NURSERYD_BIND": "127.0.0.1:0", "NURSERYD_DIAGNOSTICS": "1",
+                    **env}
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "nurseryd.cli", "serve", *(args or [])],
             env=full_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,

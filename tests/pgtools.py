@@ -6,7 +6,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 
 @dataclass
@@ -34,13 +34,25 @@ class PgServer:
     def drop_database(self, name: str) -> None:
         self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server (``immediate``: as a crash would; ``fast``: as an
+        administrator's restart does, terminating every session)."""
         if self.pgdata is None:
             return
         from pgserver import _commands
 
-        _commands.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=self.pgdata,
+        _commands.pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.pgdata,
                          user=self.system_user, timeout=30)
+
+    def start(self) -> None:
+        """Start a stopped server again, on the same socket (``pgserver``'s own flags)."""
+        assert self.pgdata is not None, "only a server this session started can be restarted"
+        from pgserver import _commands
+
+        socket_dir = parse_qs(urlsplit(self.base_url).query)["host"][0]
+        _commands.pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}",
+                          "-l", str(self.pgdata / "restart.log"), "start"],
+                         pgdata=self.pgdata, user=self.system_user, timeout=30)
 
 
 def start_test_server(directory: Path) -> PgServer:

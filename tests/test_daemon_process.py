@@ -230,3 +230,19 @@ async def test_cancel_through_another_daemon_sharing_the_database(
             daemon.send_signal(signal.SIGTERM)
             assert await daemon.wait() == 0
     assert "cancel requested through another daemon" in runner.log_text()
+
+
+def test_an_unreachable_database_at_start_is_one_line_and_a_non_zero_exit(
+    tmp_path: Path,
+) -> None:
+    """Bounded retries with back-off, then one line naming the server, never the password."""
+    refused = _cli("serve", NURSERYD_DATABASE_URL="postgresql://nurseryd:s3cretpw@127.0.0.1:1/app",
+                   NURSERYD_STATE_DIR=str(tmp_path / "state"))
+    assert refused.returncode == 1
+    output = refused.stdout + refused.stderr
+    assert "s3cretpw" not in output and "Traceback" not in output
+    tries = [line for line in output.splitlines() if "not reachable yet" in line]
+    assert len(tries) == 5  # six attempts, five waits between them
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("nurseryd: cannot start: cannot reach PostgreSQL at 127.0.0.1:1/app "
+                           "after 6 attempt(s)")

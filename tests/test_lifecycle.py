@@ -28,6 +28,7 @@ from nurseryd.lifecycle import (
         (Status.RUNNING, Event.CANCEL, Status.CANCELLED),
         (Status.RUNNING, Event.INTERRUPT, Status.QUEUED),
         (Status.RUNNING, Event.RECOVER, Status.QUEUED),
+        (Status.RUNNING, Event.RETRY, Status.QUEUED),
     ],
 )
 def test_allowed_transitions(status: Status, event: Event, expected: Status) -> None:
@@ -72,6 +73,19 @@ def test_cancel_is_allowed_exactly_from_the_active_statuses() -> None:
 )
 def test_how_an_attempt_ended(raised, cancelled, reason, expected) -> None:
     assert event_for_ending(raised=raised, cancelled=cancelled, reason=reason) is expected
+
+
+@pytest.mark.parametrize(("cancelled", "reason", "expected"), [
+    (False, None, Event.RETRY),
+    # A cancel or a shutdown decides, whatever the kind raised meanwhile.
+    (True, StopReason.CANCEL, Event.CANCEL),
+    (True, StopReason.SHUTDOWN, Event.INTERRUPT),
+])
+def test_a_transient_failure_is_retried_unless_the_job_was_stopped(
+    cancelled, reason, expected
+) -> None:
+    assert event_for_ending(raised=True, cancelled=cancelled, reason=reason,
+                            retryable=True) is expected
 
 
 def test_every_event_has_one_target_whatever_it_leaves() -> None:

@@ -40,6 +40,25 @@ async def _gate(ctx: JobContext) -> None:
     await GATES.setdefault(ctx.params["name"], trio.Event()).wait()
 
 
+#: How many of its first attempts the "flaky" kind fails, by the job's ``name``.
+FLAKY: dict[str, int] = {}
+
+
+async def _flaky(ctx: JobContext) -> None:
+    """Fails its first FLAKY[name] attempts the way a dropped database connection
+    does (or, with ``permanent``, with an error no retry would cure)."""
+    ctx.report(total=2, processed=1)
+    if ctx.attempts <= FLAKY[ctx.params["name"]]:
+        error: Exception = ValueError("column \"x\" does not exist") \
+            if ctx.params.get("permanent") else ConnectionResetError("connection reset by peer")
+        if not ctx.params.get("nested"):
+            raise error
+        async with trio.open_nursery():  # raised through a nursery: an exception group
+            raise error
+    ctx.report(processed=2)
+    ctx.set_result({"attempt": ctx.attempts})
+
+
 def _any_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params)
 
@@ -48,6 +67,7 @@ def _kinds() -> KindRegistry:
     registry = KindRegistry()
     registry.add(JobKind("nap", _nap, _any_params))
     registry.add(JobKind("gate", _gate, _any_params))
+    registry.add(JobKind("flaky", _flaky, _any_params))
     return registry
 
 
@@ -55,6 +75,7 @@ def _kinds() -> KindRegistry:
 def _fresh_gates() -> None:
     GATES.clear()
     STARTED.clear()
+    FLAKY.clear()
 
 
 @asynccontextmanager
@@ -66,7 +87,8 @@ async def supervisor(
     base = load_settings(None, environ={})
     limits = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=concurrency)
     settings = dataclasses.replace(base, shutdown_grace=grace, queue_size=queue_size,
-                                   kinds={"nap": limits, "gate": limits})
+                                   kinds={"nap": limits, "gate": limits,
+                                          "flaky": dataclasses.replace(limits, max_attempts=3)})
     sup = Supervisor(None, settings, _kinds(), OWNER, store=store)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
@@ -297,3 +319,78 @@ async def test_a_lost_owner_lock_requeues_running_jobs_and_pauses_starts(
         await until_status(store, other["id"], "completed")
         done = await until_status(store, job["id"], "completed")
     assert done["attempts"] == 2
+
+
+async def test_a_transient_failure_requeues_the_job_and_it_runs_again(
+    autojump_clock: Any,
+) -> None:
+    FLAKY["a"] = 2  # the first two attempts lose their connection; the third completes
+    async with supervisor() as (sup, store):
+        seen: list[tuple[str | None, str | None]] = []
+        store.feed.subscribe(lambda change: seen.append(
+            (change.event.value if change.event else None, change.row["error"])))
+        job = await sup.submit("flaky", {"name": "a"})
+        start = trio.current_time()
+        row = await until_status(store, job["id"], "completed")
+        waited = trio.current_time() - start
+    assert (row["attempts"], row["result"], row["error"]) == (3, {"attempt": 3}, None)
+    assert [event for event, _ in seen] == [None, "start", "retry", "start", "retry", "start",
+                                            "complete"]
+    retry_error = seen[2][1]
+    assert retry_error is not None and "attempt 1 failed on a transient error" in retry_error
+    assert "connection reset by peer" in retry_error
+    assert 1 + 2 <= waited < 2 + 4  # equal jitter: [1, 2) s, then [2, 4) s
+
+
+@pytest.mark.parametrize("nested", [False, True])
+async def test_transient_failures_fail_the_job_once_its_attempts_are_spent(
+    autojump_clock: Any, nested: bool,
+) -> None:
+    FLAKY["a"] = 99
+    async with supervisor() as (sup, store):
+        job = await sup.submit("flaky", {"name": "a", "nested": nested})
+        row = await until_status(store, job["id"], "failed")
+    assert row["attempts"] == 3  # the kind's max_attempts
+    assert row["error"] == "connection reset by peer"  # the leaf's text, not the group's
+
+
+@pytest.mark.parametrize("nested", [False, True])
+async def test_a_permanent_failure_is_not_retried(autojump_clock: Any, nested: bool) -> None:
+    FLAKY["a"] = 99
+    async with supervisor() as (sup, store):
+        job = await sup.submit("flaky", {"name": "a", "permanent": True, "nested": nested})
+        row = await until_status(store, job["id"], "failed")
+    assert row["attempts"] == 1 and row["error"] == 'column "x" does not exist'
+
+
+async def test_a_cancel_during_the_back_off_ends_the_job_without_another_start(
+    autojump_clock: Any,
+) -> None:
+    FLAKY["a"] = 1
+    async with supervisor() as (sup, store):
+        job = await sup.submit("flaky", {"name": "a"})
+        await until_status(store, job["id"], "running")
+        await until_status(store, job["id"], "queued")  # requeued: now in its back-off
+        assert sup.statistics().held == 1 and sup.statistics().queued == 1
+        answer = await sup.cancel(job["id"])
+        assert answer["status"] == "cancelled"
+        await trio.sleep(120)  # long past any back-off: nothing starts it again
+        assert sup.statistics().held == 0 and sup.statistics().queued == 0
+    row = store.rows[job["id"]]
+    assert (row["status"], row["attempts"], row["error"]) == ("cancelled", 1,
+                                                              "cancelled on request")
+
+
+async def test_a_drain_during_the_back_off_leaves_the_job_queued(autojump_clock: Any) -> None:
+    FLAKY["a"] = 1
+    async with supervisor() as (sup, store):
+        job = await sup.submit("flaky", {"name": "a"})
+        await until_status(store, job["id"], "running")
+        await until_status(store, job["id"], "queued")
+        handle = sup.registry[job["id"]]
+        start = trio.current_time()
+        sup.request_stop()
+        await handle.finished.wait()
+        assert trio.current_time() - start < 1  # a waiting job does not wait for the grace
+    row = store.rows[job["id"]]
+    assert (row["status"], row["attempts"], row["finished_at"]) == ("queued", 1, None)

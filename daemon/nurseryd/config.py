@@ -29,16 +29,21 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class KindLimits:
-    """Per-kind timeouts and concurrency."""
+    """Per-kind timeouts, concurrency and retries."""
 
     default_timeout_s: float
     max_timeout_s: float
     concurrency: int
+    #: Attempts in all before a transient failure (the database went away) fails
+    #: the job for good; each attempt is counted in the job's ``attempts``.
+    max_attempts: int = 5
 
 
 DEFAULT_KIND_LIMITS = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=64)
 BUILTIN_KIND_LIMITS: dict[str, KindLimits] = {
     "sleep": KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=10_000),
+    # Each running sql_sleep holds a connection of the work pool for its whole run.
+    "sql_sleep": KindLimits(default_timeout_s=60, max_timeout_s=600, concurrency=4),
     "noop": KindLimits(default_timeout_s=60, max_timeout_s=3600, concurrency=10_000),
     "fetch": KindLimits(default_timeout_s=300, max_timeout_s=3600, concurrency=1),
     "migration": KindLimits(default_timeout_s=6 * 3600, max_timeout_s=48 * 3600, concurrency=2),
@@ -101,6 +106,9 @@ class Settings:
     #: When set, ``GET /metrics`` requires ``Authorization: Bearer <token>``.
     metrics_token: str | None = field(default=None, repr=False)
     kinds: Mapping[str, KindLimits] = field(default_factory=lambda: dict(BUILTIN_KIND_LIMITS))
+    #: The diagnostic job kinds (``sleep``, ``sql_sleep``, ``noop``) are served:
+    #: off by default, since anyone allowed to submit could tie up slots with them.
+    diagnostics: bool = False
     #: Parsed feature sections, by section name (see :class:`ConfigSection`).
     sections: Mapping[str, Any] = field(default_factory=dict)
 
@@ -197,9 +205,11 @@ _ENV_KEYS = {
     "NURSERYD_LOG_FORMAT": "log_format",
     "NURSERYD_ACCESS_LOG": "access_log",
     "NURSERYD_METRICS_TOKEN": "metrics_token",
+    "NURSERYD_DIAGNOSTICS": "diagnostics",
 }
 _TOP_LEVEL_KEYS = {"bind", "state_dir", "database_url", "shutdown_grace", "queue_size",
-                   "log_level", "log_format", "access_log", "metrics_token", "kinds"}
+                   "log_level", "log_format", "access_log", "metrics_token", "kinds",
+                   "diagnostics"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _LOG_FORMATS = ("text", "json")
 _ENV_REFERENCE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
@@ -259,7 +269,8 @@ def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
         if not isinstance(table, dict):
             raise ConfigError(f"kinds.{name}", "expected a table")
         base = limits.get(name, DEFAULT_KIND_LIMITS)
-        check_keys(f"kinds.{name}", table, {"default_timeout_s", "max_timeout_s", "concurrency"})
+        check_keys(f"kinds.{name}", table,
+                   {"default_timeout_s", "max_timeout_s", "concurrency", "max_attempts"})
         default = parse_duration(f"kinds.{name}.default_timeout_s",
                                  table.get("default_timeout_s", base.default_timeout_s))
         maximum = parse_duration(f"kinds.{name}.max_timeout_s",
@@ -271,8 +282,23 @@ def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
                               f"must not exceed max_timeout_s ({maximum:g})")
         concurrency = parse_positive_int(f"kinds.{name}.concurrency",
                                          table.get("concurrency", base.concurrency))
-        limits[name] = KindLimits(default, maximum, concurrency)
+        max_attempts = parse_positive_int(f"kinds.{name}.max_attempts",
+                                          table.get("max_attempts", base.max_attempts))
+        limits[name] = KindLimits(default, maximum, concurrency, max_attempts)
     return limits
+
+
+def _parse_diagnostics(raw: Any) -> bool:
+    """``[diagnostics] enabled = true`` in the file; ``NURSERYD_DIAGNOSTICS=1`` from
+    the environment (which arrives here as the bare value)."""
+    if isinstance(raw, dict):
+        check_keys("diagnostics", raw, {"enabled"})
+        return parse_bool("diagnostics.enabled", raw.get("enabled", False))
+    if raw is None:
+        return False
+    if isinstance(raw, str):
+        return parse_bool("NURSERYD_DIAGNOSTICS", raw)
+    raise ConfigError("diagnostics", "expected a table: [diagnostics] enabled = true")
 
 
 def _standard_features() -> Iterable[HasConfigSections]:
@@ -361,5 +387,6 @@ def load_settings(
         access_log=access_log,
         metrics_token=metrics_token,
         kinds=_parse_kind_limits(core.get("kinds")),
+        diagnostics=_parse_diagnostics(core.get("diagnostics")),
         sections=sections,
     )

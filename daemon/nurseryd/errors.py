@@ -111,3 +111,15 @@ class DatabaseUnavailable(SupervisorError):
     def __init__(self, what: str) -> None:
         super().__init__(f"the database did not answer in time ({what}); retry shortly")
         self.what = what
+
+
+def describe_failure(error: BaseException) -> str:
+    """The text a job's ``error`` shows for what its kind raised.
+
+    A kind that runs tasks raises through their nursery, which wraps the error
+    in an exception group whose own text ("Exceptions from Trio nursery (1
+    sub-exception)") says nothing: the leaves' texts are what the operator needs.
+    """
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(describe_failure(each) for each in error.exceptions)
+    return str(error) or type(error).__name__

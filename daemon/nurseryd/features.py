@@ -19,7 +19,7 @@ from typing import Any
 
 from quart import Blueprint
 
-from .config import ConfigSection
+from .config import ConfigSection, Settings
 from .http.fetch import blueprint as fetch_blueprint
 from .http.migration import blueprint as migration_blueprint
 from .http.migration_sources import blueprint as migration_sources_blueprint
@@ -54,11 +54,15 @@ class Feature:
     #: Called when ``/metrics`` is scraped (at most every few seconds): metric families
     #: of state only this feature knows, such as how fresh the fetch is.
     metrics: tuple[MetricsHook, ...] = ()
+    #: Whether the daemon serves this feature with these settings (its config
+    #: sections are parsed either way, so a bad value is caught while it is off).
+    enabled: Callable[[Settings], bool] = lambda settings: True
 
 
 DIAGNOSTICS = Feature(
     name="diagnostics",
     kinds=(SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND),
+    enabled=lambda settings: settings.diagnostics,
 )
 
 MIGRATION = Feature(
@@ -82,6 +86,11 @@ FETCH = Feature(
 
 #: Everything the standard daemon does.
 FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH)
+
+
+def enabled_features(features: Iterable[Feature], settings: Settings) -> list[Feature]:
+    """The features ``settings`` switch on, in their order."""
+    return [feature for feature in features if feature.enabled(settings)]
 
 
 def build_registry(features: Iterable[Feature] = FEATURES) -> KindRegistry:

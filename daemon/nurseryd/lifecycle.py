@@ -11,7 +11,8 @@ I/O lets every rule be tested with plain function calls.
       │                 │ ├──fail────────▶ failed
       │                 │ ├──time_out────▶ timed_out
       │                 │ └──cancel──────▶ cancelled
-      │                 └──interrupt / recover──▶ queued   (shutdown, or a dead owner)
+      │                 └──interrupt / recover / retry──▶ queued
+      │                      (shutdown, a dead owner, a transient failure)
       └──cancel──▶ cancelled
 """
 
@@ -41,8 +42,12 @@ class Event(StrEnum):
     CANCEL = "cancel"
     #: The daemon is shutting down and stopped the job; it runs again after restart.
     INTERRUPT = "interrupt"
-    #: The process that ran the job died (SIGKILL, OOM); found at the next start.
+    #: The process that ran the job died (SIGKILL, OOM), or its final write never
+    #: landed; found by a rescan or at the next start.
     RECOVER = "recover"
+    #: The attempt failed in a way another attempt would not (the database went
+    #: away): back to queued, tried again after a back-off while attempts remain.
+    RETRY = "retry"
 
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
@@ -57,6 +62,7 @@ TRANSITIONS: dict[tuple[Status, Event], Status] = {
     (Status.RUNNING, Event.CANCEL): Status.CANCELLED,
     (Status.RUNNING, Event.INTERRUPT): Status.QUEUED,
     (Status.RUNNING, Event.RECOVER): Status.QUEUED,
+    (Status.RUNNING, Event.RETRY): Status.QUEUED,
 }
 
 
@@ -112,12 +118,15 @@ class StopReason(StrEnum):
     TIMEOUT = "timeout"
 
 
-def event_for_ending(*, raised: bool, cancelled: bool, reason: StopReason | None) -> Event:
+def event_for_ending(
+    *, raised: bool, cancelled: bool, reason: StopReason | None, retryable: bool = False
+) -> Event:
     """The event a finished job attempt produces.
 
     ``cancelled`` is whether the job's own scope caught a cancellation; ``reason``
     is what the supervisor recorded when it cancelled the scope (``None`` if the
-    scope's deadline expired on its own).
+    scope's deadline expired on its own); ``retryable`` is whether the error it
+    raised is transient and attempts remain (then it is tried again, not failed).
     """
     if cancelled:
         if reason is StopReason.CANCEL:
@@ -125,4 +134,6 @@ def event_for_ending(*, raised: bool, cancelled: bool, reason: StopReason | None
         if reason is StopReason.SHUTDOWN:
             return Event.INTERRUPT
         return Event.TIME_OUT
-    return Event.FAIL if raised else Event.COMPLETE
+    if raised:
+        return Event.RETRY if retryable else Event.FAIL
+    return Event.COMPLETE

@@ -43,7 +43,7 @@ from .db.embedded import open_embedded_server
 from .db.migrate import apply_migrations
 from .db.owner_lock import hold_owner_lock
 from .errors import StartupError
-from .features import FEATURES, Feature, build_registry, missing_sections
+from .features import FEATURES, Feature, build_registry, enabled_features, missing_sections
 from .http.app import create_app
 from .observe.hub import Observability
 from .observe.logs import ACCESS_LOG_FORMAT
@@ -105,6 +105,7 @@ async def serve(
     if missing:
         raise StartupError(f"the settings lack the config section(s) {', '.join(missing)}: "
                            "load them with the same features the daemon serves")
+    features = enabled_features(features, settings)
     notifier = notifier or Notifier()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     settings.state_dir.mkdir(parents=True, exist_ok=True)

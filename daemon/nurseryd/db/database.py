@@ -37,6 +37,7 @@ import trio_asyncio
 
 from ..backoff import RetryPolicy
 from ..errors import DatabaseUnavailable, StartupError
+from .transient import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class Database:
         with trio.move_on_after(1):
             try:
                 return await self.fetchval("SELECT 1") == 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnavailable):
+            except (CONNECTION_ERRORS + (DatabaseUnavailable,)):
                 return False
         return False
 
@@ -194,7 +195,7 @@ async def open_database(
         try:
             pool = await trio_asyncio.aio_as_trio(_create, loop=loop)()
             break
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except CONNECTION_ERRORS as error:
             delay = CONNECT_RETRY.delay(attempt) if attempt < connect_attempts else None
             reason = _one_line(error)
             if delay is None:

@@ -32,6 +32,7 @@ import trio_asyncio
 from ..backoff import RetryPolicy
 from .database import Database
 from .jobs import owner_lock_sql
+from .transient import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class OwnerLock:
         with trio.move_on_after(WATCH_INTERVAL_S):
             try:
                 return await self._aio(conn.fetchval, "SELECT 1") == 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except CONNECTION_ERRORS:
                 return False
         return False
 
@@ -100,7 +101,7 @@ class OwnerLock:
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 try:
                     await self._aio(conn.close)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                except CONNECTION_ERRORS:
                     conn.terminate()
 
     async def watch(self, on_lost: Callable[[], None], on_regained: Callable[[], None]) -> None:
@@ -122,7 +123,7 @@ class OwnerLock:
                     if await self.acquire(wait=False):
                         break
                     reason = "another session holds it"
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                except CONNECTION_ERRORS as error:
                     reason = type(error).__name__
                 delay = REACQUIRE.delay(attempt) or REACQUIRE.cap_s
                 log.warning("owner lock not taken yet (%s); next try in %.1f s", reason, delay)

@@ -1,12 +1,18 @@
 """Diagnostic kinds for operators: ``sleep`` exercises timeouts, cancellation and
-shutdown by hand; ``noop`` measures the supervisor's own overhead."""
+shutdown by hand; ``sql_sleep`` shows a cancel reaching the server; ``noop``
+measures the supervisor's own overhead.
+
+They are served only when diagnostics are enabled (``[diagnostics] enabled``
+or ``NURSERYD_DIAGNOSTICS=1``): each is a way to hold a slot, and ``sql_sleep``
+a database connection, for as long as the caller likes.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import trio
 
@@ -14,6 +20,8 @@ from .base import JobContext, JobKind, ParamError, parser, refuse_unknown
 
 #: Upper bound for ``seconds``: a week. Longer is almost certainly a typo.
 MAX_SLEEP_S = 7 * 86400
+#: ``sql_sleep`` holds a work-pool connection all along: ten minutes at most.
+MAX_SQL_SLEEP_S = 600
 
 
 @dataclass(frozen=True)
@@ -21,21 +29,30 @@ class SleepParams:
     """``{"seconds": n}``: how long to sleep (``sleep`` and ``sql_sleep``)."""
 
     seconds: float
+    #: The largest ``seconds`` accepted (:class:`SqlSleepParams` lowers it).
+    maximum: ClassVar[float] = MAX_SLEEP_S
 
     @classmethod
-    def parse(cls, params: Mapping[str, Any]) -> SleepParams:
+    def parse(cls, params: Mapping[str, Any]) -> Self:
         refuse_unknown(params, {"seconds"}, "sleep takes only 'seconds'")
         if "seconds" not in params:
             raise ParamError("seconds", "required: how long to sleep, e.g. {\"seconds\": 30}")
         seconds = params["seconds"]
         if isinstance(seconds, bool) or not isinstance(seconds, int | float):
             raise ParamError("seconds", f"expected a number, got {seconds!r}")
-        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_SLEEP_S:
-            raise ParamError("seconds", f"must be between 0 and {MAX_SLEEP_S}")
+        if not math.isfinite(seconds) or not 0 <= seconds <= cls.maximum:
+            raise ParamError("seconds", f"must be between 0 and {cls.maximum:g}")
         return cls(seconds)
 
     def to_json(self) -> dict[str, Any]:
         return {"seconds": self.seconds}  # as given: 30 stays 30, not 30.0
+
+
+@dataclass(frozen=True)
+class SqlSleepParams(SleepParams):
+    """``{"seconds": n}`` for ``sql_sleep``: at most MAX_SQL_SLEEP_S."""
+
+    maximum: ClassVar[float] = MAX_SQL_SLEEP_S
 
 
 parse_sleep_params = parser(SleepParams)
@@ -62,7 +79,7 @@ async def run_sql_sleep(ctx: JobContext) -> None:
     """One long statement on the server: shows that cancelling a job cancels its
     query on the server too (nothing left in ``pg_stat_activity``)."""
     ctx.report(total=1, processed=0)
-    await ctx.db.execute("SELECT pg_sleep($1)", float(SleepParams.parse(ctx.params).seconds))
+    await ctx.db.execute("SELECT pg_sleep($1)", float(SqlSleepParams.parse(ctx.params).seconds))
     ctx.report(processed=1)
 
 
@@ -77,7 +94,7 @@ SLEEP_KIND = JobKind(
 
 
 SQL_SLEEP_KIND = JobKind(
-    name="sql_sleep", run=run_sql_sleep, parse_params=parse_sleep_params,
+    name="sql_sleep", run=run_sql_sleep, parse_params=parser(SqlSleepParams),
     description="runs SELECT pg_sleep({seconds}) as one statement",
 )
 

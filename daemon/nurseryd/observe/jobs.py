@@ -73,6 +73,8 @@ class JobObserver:
             self._interrupted(row)
         elif change.event is Event.RECOVER:
             self._recovered(row)
+        elif change.event is Event.RETRY:
+            self._requeued(row)
         else:
             self._ended(change.event, row)
 
@@ -139,6 +141,16 @@ class JobObserver:
                  human_seconds(ran), counts(row),
                  extra=fields(row, "interrupt", duration_s=rounded(ran),
                               processed=row["processed"], failed=row["failed"]))
+
+    def _requeued(self, row: Row) -> None:
+        kind = row["kind"]
+        attempt = self.running.pop(row["id"], None)
+        self.metrics.jobs_requeued.labels(kind).inc()
+        ran = None if attempt is None else self._clock() - attempt.clock
+        log.warning("job %d %s back to queued after %s: %s", row["id"],
+                    describe(kind, row["params"]), human_seconds(ran), one_line(row["error"]),
+                    extra=fields(row, "retry", duration_s=rounded(ran),
+                                 processed=row["processed"], failed=row["failed"]))
 
     def _recovered(self, row: Row) -> None:
         self.running.pop(row["id"], None)

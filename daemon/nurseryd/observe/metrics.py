@@ -85,6 +85,10 @@ class Metrics:
             "nurseryd_jobs_interrupted",
             "Running jobs sent back to queued by a shutdown (they resume later).",
             ["kind"], registry=registry)
+        self.jobs_requeued = Counter(
+            "nurseryd_jobs_requeued",
+            "Attempts that failed on a transient error (the database went away) and went "
+            "back to queued, to be tried again after a back-off.", ["kind"], registry=registry)
         self.jobs_adopted = Counter(
             "nurseryd_jobs_adopted",
             "Running jobs requeued because nothing ran them any more (their daemon died).",
@@ -116,6 +120,7 @@ class Metrics:
             self.jobs_submitted.labels(kind)
             self.job_retries.labels(kind)
             self.jobs_interrupted.labels(kind)
+            self.jobs_requeued.labels(kind)
             for status in sorted(TERMINAL):
                 self.jobs_finished.labels(kind, status.value)
 

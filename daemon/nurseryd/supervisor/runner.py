@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import lifecycle
-from ..batching import GroupCommitter
-from ..errors import LostClaim
+from ..backoff import RetryPolicy
+from ..batching import CommitterClosed, GroupCommitter
+from ..db.transient import is_transient
+from ..errors import LostClaim, describe_failure
 from ..lifecycle import Event, Status, StopReason
 from ..store.base import Change, Progress, Row, Transition, now
 from .handle import JobHandle, RunningJob
@@ -38,6 +40,10 @@ log = logging.getLogger("nurseryd.supervisor")
 STATUS_WRITE_TIMEOUT_S = 10.0
 #: However long the database is away, a final write is given up after this long.
 FINAL_WRITE_GIVE_UP_S = 120.0
+#: Back-off between attempts of a job that failed transiently: equal jitter, from
+#: [1, 2) s after the first failure, doubling, at most a minute.
+RETRY_BASE_S = 2.0
+RETRY_CAP_S = 60.0
 
 
 class JobRunner:
@@ -80,7 +86,24 @@ class JobRunner:
         return self._limiters[kind]
 
     async def run(self, handle: JobHandle) -> None:
-        """The job's task in the job nursery: from waiting for a slot to its final write."""
+        """The job's task in the job nursery: from waiting for a slot to its final write.
+
+        An attempt that failed transiently (the database went away) is requeued and,
+        after a back-off, tried again by this same task: the handle stays held, so
+        no rescan loads it twice.
+        """
+        try:
+            while (delay := await self._attempt(handle)) is not None:
+                if not await self._back_off(handle, delay):
+                    break
+        finally:
+            self._registry.pop(handle.id, None)
+            handle.finished.set()
+            self._job_ended.set()
+            self._job_ended = trio.Event()
+
+    async def _attempt(self, handle: JobHandle) -> float | None:
+        """One attempt; the back-off before the next one if it was requeued as a retry."""
         raised: Exception | None = None
         started = returned = released = False
         try:
@@ -110,13 +133,27 @@ class JobRunner:
             if started:
                 self.running -= 1
                 handle.running = False
-            try:
-                await self._write_final(handle, started, returned, raised)
-            finally:
-                self._registry.pop(handle.id, None)
-                handle.finished.set()
-                self._job_ended.set()
-                self._job_ended = trio.Event()
+            retry_in = await self._write_final(handle, started, returned, raised)
+        return retry_in
+
+    async def _back_off(self, handle: JobHandle, delay: float) -> bool:
+        """Wait ``delay`` as a queued job this daemon holds; False if stopped meanwhile.
+
+        A cancel during the wait is written here (the job never started again); a
+        drain leaves the row ``queued`` for the restart. The job holds an intake slot
+        meanwhile (taken with the retry's write), like any job waiting to start.
+        """
+        handle.scope = trio.CancelScope()
+        with handle.scope:
+            if self._is_draining():
+                handle.stop(StopReason.SHUTDOWN)
+            await trio.sleep(delay)
+        if handle.stop_reason is None:
+            handle.scope = trio.CancelScope()  # a scope is entered once: the next attempt's
+            return True
+        self._intake.release()
+        await self._write_final(handle, started=False, returned=False, raised=None)
+        return False
 
     def _context(self, handle: JobHandle) -> RunningJob:
         async def save_checkpoint(handle: JobHandle) -> None:
@@ -161,20 +198,43 @@ class JobRunner:
 
     async def _write_final(
         self, handle: JobHandle, started: bool, returned: bool, raised: Exception | None
-    ) -> None:
-        transition = self._final_transition(handle, started, returned, raised)
+    ) -> float | None:
+        """Write how the attempt ended; the back-off to wait if it was requeued as a retry."""
+        retry_in = self._retry_delay(handle, raised) if started else None
+        transition = self._final_transition(handle, started, returned, raised, retry_in)
         if transition is None:
-            return
+            return None
+        retrying = transition.event is Event.RETRY
+        if retrying:  # waiting again from the moment the row says queued (/readyz, bound)
+            self._intake.take_slot()
+        row: Row | None = None
         try:
-            handle.final_row = await self._write_until_it_lands(transition)
+            row = await self._write_until_it_lands(transition)
         except Exception as error:
             log.error("job %d: final status %s not written (%s); the job stays as the table"
                       " has it and is requeued by the rescan or the next start", handle.id,
                       transition.event.value, error)
-            return
-        if handle.final_row is None and started:
-            log.warning("job %d: final status not written: this attempt no longer holds it",
-                        handle.id)
+        else:
+            if row is None and started:
+                log.warning("job %d: final status not written: this attempt no longer holds"
+                            " it", handle.id)
+        if not retrying:
+            handle.final_row = row
+            return None
+        if row is None:
+            self._intake.release()
+            return None
+        return retry_in
+
+    def _retry_delay(self, handle: JobHandle, raised: Exception | None) -> float | None:
+        """The back-off before another attempt, if ``raised`` deserves one: it is
+        transient, attempts remain, and the daemon is not draining."""
+        if raised is None or self._is_draining() or not is_transient(raised):
+            return None
+        limits = self._settings.limits(handle.kind.name)
+        policy = RetryPolicy(max_attempts=limits.max_attempts, base_s=RETRY_BASE_S,
+                             cap_s=RETRY_CAP_S, jitter_floor=0.5)
+        return policy.delay(handle.attempts)
 
     async def _write_until_it_lands(self, transition: Transition) -> Row | None:
         """A final status is retried with back-off through a database blip.
@@ -189,6 +249,8 @@ class JobRunner:
         while True:
             try:
                 return await self._write(transition)
+            except CommitterClosed:
+                raise  # the supervisor is being torn down: no later try can land either
             except Exception as error:
                 now_ = trio.current_time()
                 if self._is_draining():
@@ -202,7 +264,8 @@ class JobRunner:
             delay = min(delay * 2, 5.0)
 
     def _final_transition(
-        self, handle: JobHandle, started: bool, returned: bool, raised: Exception | None
+        self, handle: JobHandle, started: bool, returned: bool, raised: Exception | None,
+        retry_in: float | None = None,
     ) -> Transition | None:
         """What the lifecycle says this ending is, as a guarded transition (or nothing)."""
         if isinstance(raised, LostClaim):
@@ -221,12 +284,13 @@ class JobRunner:
                 raised=raised is not None,
                 cancelled=handle.scope.cancelled_caught,
                 reason=handle.stop_reason,
+                retryable=retry_in is not None,
             )
         target = lifecycle.target_of(event)
         values: dict[str, Any] = {
             "total": handle.total, "processed": handle.processed, "failed": handle.failed,
             "result": handle.result, "checkpoint": handle.checkpoint,
-            "error": _error_text(event, handle, raised),
+            "error": _error_text(event, handle, raised, retry_in),
             "finished_at": None if target is Status.QUEUED else now(),
         }
         if handle.commits_own_progress:  # committed with the kind's data, by the kind
@@ -241,7 +305,13 @@ class JobRunner:
         return Transition(handle.id, event, values, owner=self.owner, attempt=handle.attempts)
 
 
-def _error_text(event: Event, handle: JobHandle, raised: Exception | None) -> str | None:
+def _error_text(
+    event: Event, handle: JobHandle, raised: Exception | None, retry_in: float | None
+) -> str | None:
+    if event is Event.RETRY:
+        assert raised is not None
+        return (f"attempt {handle.attempts} failed on a transient error, tried again in "
+                f"{retry_in or 0:.1f} s: {describe_failure(raised)}")
     if event is Event.TIME_OUT:
         return f"timed out after {handle.timeout_s:g} s (the job's time limit)"
     if event is Event.CANCEL:
@@ -249,5 +319,5 @@ def _error_text(event: Event, handle: JobHandle, raised: Exception | None) -> st
     if event is Event.INTERRUPT:
         return None
     if raised is not None:
-        return str(raised) or type(raised).__name__
+        return describe_failure(raised)
     return None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ...db.transient import is_transient
 from ..base import JobContext, JobFailed, ParamError
 from .external_sources import SOURCE_TYPES as EXTERNAL_SOURCE_TYPES
 from .external_sources import (
@@ -116,12 +117,16 @@ async def run_migration(ctx: JobContext) -> None:
     settings = migration_settings(ctx.settings)
     try:
         result = await run_pipeline(ctx, source, target, timezone=settings.timezone)
-    except Exception:
-        _remove(upload)  # failed is terminal: the file is no longer needed
+    except Exception as error:
+        # A transient error (the database went away) is tried again: the next
+        # attempt needs the file. Should its attempts run out, the periodic sweep
+        # removes the file of the failed job.
+        if not is_transient(error):
+            _remove(upload)  # failed is terminal: the file is no longer needed
         raise
     ctx.set_result(result)
     _remove(upload)
-    # Cancelled (by request, timeout or shutdown) is deliberately not handled:
+    # Cancelled (by request, timeout or shutdown) is deliberately not handled here:
     # a shutdown requeues the job and it needs the file to resume; the sweep at
     # start and the periodic sweep remove files of jobs that ended cancelled.
 

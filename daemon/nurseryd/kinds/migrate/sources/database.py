@@ -40,6 +40,7 @@ import trio_asyncio
 
 from ....backoff import GaveUp, RetryPolicy, TryAgain, retry
 from ....db.quoting import quote_ident, quote_qualified
+from ....db.transient import is_transient
 from ..coerce import ColumnSpec
 from ..source_config import DatabaseSourceConfig, SecretMissing, sqlite_path
 from .base import Emitter, SourceError, SourceEvent
@@ -57,20 +58,13 @@ class ErrorClass(Enum):
 
 _PG_FATAL_CONNECT = (asyncpg.InvalidAuthorizationSpecificationError,  # auth, unknown role
                      asyncpg.InvalidCatalogNameError)  # no such database
-_PG_TRANSIENT = (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-                 asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
-                 asyncpg.TooManyConnectionsError)
 
 
 def classify_pg_error(error: BaseException) -> ErrorClass:
     """What an asyncpg/socket error means for the job (pure: tested with values)."""
     if isinstance(error, _PG_FATAL_CONNECT):
         return ErrorClass.FATAL
-    if isinstance(error, (*_PG_TRANSIENT, OSError, TimeoutError, trio.TooSlowError)):
-        return ErrorClass.TRANSIENT
-    if isinstance(error, asyncpg.InterfaceError) and "closed" in str(error):
-        return ErrorClass.TRANSIENT
-    return ErrorClass.FATAL
+    return ErrorClass.TRANSIENT if is_transient(error) else ErrorClass.FATAL
 
 
 _SQLITE_TRANSIENT_WORDS = ("unable to open", "database is locked", "disk i/o error")
