@@ -174,3 +174,75 @@ async def test_a_lost_owner_lock_never_runs_a_job_in_two_places(
             running = None
     completions = [entry for entry in timeline if entry[2] is Event.COMPLETE]
     assert len(completions) == 1, timeline
+
+
+async def test_clients_that_disconnect_mid_post_fetch_leave_no_fetch_blocking(
+    database_url: str, state_dir: Path
+) -> None:
+    """A reset ``POST /fetch`` must not leave a queued fetch that nothing runs
+    (it would answer 409 to every later fetch)."""
+    from nurseryd.kinds.fetch.config import parse_fetch_section
+    from tests.fetch_servers import json_reply, open_local_server
+
+    async with open_local_server() as server:
+        url = server.static("/jobs", json_reply({"data": {"jobs": [{"id": 1, "title": "a"}]}}))
+        raw = {"backoff_s": 0.01, "sources": [{"name": "s", "url": url, "format": "json",
+                                               "items": "data.jobs"}]}
+        settings = make_settings(database_url, state_dir,
+                                 sections={"fetch": parse_fetch_section(raw, {"fetch": raw})})
+        async with run_daemon(settings) as daemon:
+            host, port = daemon.base_url.removeprefix("http://").rsplit(":", 1)
+            request = _post("/fetch", b"")
+            async with trio.open_nursery() as nursery:
+                for index in range(40):
+                    nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
+                                       int(port), request, (index % 20) * 0.005)
+
+            async def all_ended() -> bool:
+                return await _unfinished(daemon) == 0
+
+            await eventually(all_ended, timeout=30)
+            assert await daemon.services.db.fetchval(
+                "SELECT count(*) FROM jobs WHERE kind = 'fetch' AND status <> 'completed'") == 0
+            again = await daemon.client.post("/fetch")
+            assert again.status_code == 202, again.text  # nothing stranded blocks it
+            done = await daemon.wait_for_status(again.json()["id"], *TERMINAL_VALUES)
+            assert done["status"] == "completed"
+
+
+async def test_clients_that_disconnect_mid_upload_lose_no_recorded_job(
+    database_url: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """An upload whose client resets once the body is sent: if its job was recorded,
+    the file stays for it and the job completes; if not, no file is left behind."""
+    from nurseryd.kinds.migrate.uploads_dir import uploads_dir
+    from tests import xlsx_factory as xf
+
+    workbook = xf.write_xlsxwriter(tmp_path / "storm.xlsx",
+                                   [xf.chat_row(i) for i in range(1, 21)]).read_bytes()
+    boundary = "storm"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"storm.xlsx\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            ).encode() + workbook + f"\r\n--{boundary}--\r\n".encode()
+    request = _post("/migration/excel", body, f"multipart/form-data; boundary={boundary}")
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        host, port = daemon.base_url.removeprefix("http://").rsplit(":", 1)
+        async with trio.open_nursery() as nursery:
+            for index in range(30):
+                nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
+                                   int(port), request, (index % 15) * 0.01)
+
+        async def all_ended() -> bool:
+            return await _unfinished(daemon) == 0
+
+        await eventually(all_ended, timeout=60)
+        rows = await daemon.services.db.fetch("SELECT status, error FROM jobs")
+        assert rows, "no upload got far enough to be recorded"
+        assert {(row["status"], row["error"]) for row in rows} == {("completed", None)}
+        # Recorded jobs consumed their files; unrecorded uploads left none behind.
+        directory = uploads_dir(state_dir)
+
+        async def no_files() -> bool:
+            return not directory.exists() or not any(directory.iterdir())
+
+        await eventually(no_files, timeout=10)
