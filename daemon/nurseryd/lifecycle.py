@@ -18,6 +18,7 @@ I/O lets every rule be tested with plain function calls.
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 
 
@@ -81,6 +82,7 @@ def next_status(status: Status, event: Event) -> Status:
         raise InvalidTransition(status, event) from None
 
 
+@functools.cache  # asked for every write of a running job; the table never changes
 def statuses_allowing(event: Event) -> frozenset[Status]:
     """The statuses from which ``event`` is allowed."""
     return frozenset(status for (status, each), _ in TRANSITIONS.items() if each is event)

@@ -13,6 +13,7 @@ are what the supervisor's group committers flush: one round trip for many jobs.
 from __future__ import annotations
 
 import builtins
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -103,8 +104,13 @@ def _apply_sql(columns: tuple[str, ...], sets_status: bool) -> str:
 def _guard(change: Change) -> tuple[str | None, str]:
     """(target status or None, the statuses it may start from, comma-joined)."""
     if isinstance(change, Transition):
-        return target_of(change.event).value, ",".join(_values(statuses_allowing(change.event)))
+        return _transition_guard(change.event)
     return None, ",".join(_values(change.statuses))
+
+
+@functools.cache
+def _transition_guard(event: Event) -> tuple[str, str]:
+    return target_of(event).value, ",".join(_values(statuses_allowing(event)))
 
 
 _CANCEL_QUEUED = f"""

@@ -82,6 +82,8 @@ class JobObserver:
 
     def _recorded(self, row: Row) -> None:
         self.metrics.jobs_submitted.labels(row["kind"]).inc()
+        if not log.isEnabledFor(logging.DEBUG):
+            return
         log.debug("job %d %s queued", row["id"], describe(row["kind"], row["params"]),
                   extra=fields(row, "record"))
 
@@ -92,6 +94,8 @@ class JobObserver:
         waited = seconds_between(row["created_at"], row["started_at"])
         if attempt > 1:
             self.metrics.job_retries.labels(kind).inc()
+            if not log.isEnabledFor(logging.INFO):  # a busy daemon starts thousands a second
+                return
             log.info("job %d %s started again (attempt %d, from its checkpoint: %s)",
                      row["id"], describe(kind, row["params"]), attempt, counts(row),
                      extra=fields(row, "start", processed=row["processed"],
@@ -99,6 +103,8 @@ class JobObserver:
             return
         if waited is not None:
             self.metrics.job_queue_wait.labels(kind).observe(max(0.0, waited))
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info("job %d %s started (attempt %d, queued %s)", row["id"],
                  describe(kind, row["params"]), attempt, human_seconds(waited),
                  extra=fields(row, "start", queue_wait_s=rounded(waited)))
@@ -111,6 +117,10 @@ class JobObserver:
         duration = seconds_between(row["started_at"], row["finished_at"]) if ran else None
         if duration is not None:
             self.metrics.job_duration.labels(kind, status.value).observe(max(0.0, duration))
+        level = logging.INFO if status in (Status.COMPLETED, Status.CANCELLED) \
+            else logging.WARNING
+        if not log.isEnabledFor(level):
+            return  # the line would be dropped: do not build it
         extra = fields(row, event.value, duration_s=rounded(duration),
                        processed=row["processed"], failed=row["failed"], total=row["total"],
                        **_row_outcomes(row))
@@ -123,8 +133,6 @@ class JobObserver:
         error = one_line(row["error"])
         if error and status is not Status.CANCELLED:
             extra["error"] = error
-        level = logging.INFO if status in (Status.COMPLETED, Status.CANCELLED) \
-            else logging.WARNING
         verb = {Status.COMPLETED: "completed in", Status.FAILED: "failed after",
                 Status.TIMED_OUT: "timed out after", Status.CANCELLED: "cancelled after"}
         message = (f"{what} {verb.get(status, status.value)} {human_seconds(duration)}: "
