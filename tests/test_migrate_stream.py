@@ -146,3 +146,24 @@ def test_sheets_that_cannot_be_cut_are_refused(tmp_path: Path, body: str, error:
                                                   if "</row>" in body[-6:] else "")
     with pytest.raises(error):
         list(_splitter(tmp_path, xml, chunk_bytes=16).chunks())
+
+
+async def test_a_sheet_outside_xl_worksheets_is_read_once(db: Database, tmp_path: Path) -> None:
+    """The slices replace the sheet part wherever the relationships put it."""
+    source = xf.write_xlsxwriter(tmp_path / "a.xlsx", [xf.chat_row(i) for i in range(1, 41)])
+    moved = tmp_path / "moved.xlsx"
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(moved, "w") as new:
+        for info in old.infolist():
+            data = old.read(info)
+            name = info.filename
+            if name == "xl/worksheets/sheet1.xml":
+                name = "xl/data/sheet1.xml"
+            elif name in ("xl/_rels/workbook.xml.rels", "[Content_Types].xml"):
+                data = data.replace(b"worksheets/sheet1.xml", b"data/sheet1.xml")
+            new.writestr(name, data)
+    await _truncate(db)
+    settings = MigrationSettings(batch_rows=7, reader="calamine-stream", slice_bytes=2048)
+    ctx, result = await migrate(db, moved, settings=settings)
+    assert result["reader"] == "calamine-stream"
+    assert ctx.counters == {"total": 40, "processed": 40, "failed": 0}
+    assert result["inserted"] == 40

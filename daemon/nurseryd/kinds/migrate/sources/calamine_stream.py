@@ -65,10 +65,14 @@ class ChunkedRows:
         self.info = info
         self.splitter = SheetSplitter(self.archive, info.sheet_part, chunk_bytes=chunk_bytes)
         self.chunks = self.splitter.chunks()
-        # Raises NotSplittable now, before any row is produced, if the sheet
-        # cannot be cut: the caller falls back to a whole-sheet reader.
-        self.first: Chunk | None = next(self.chunks, None)
-        self.skeleton = skeleton_parts(self.archive)
+        try:
+            # Raises NotSplittable now, before any row is produced, if the sheet
+            # cannot be cut: the caller falls back to a whole-sheet reader.
+            self.first: Chunk | None = next(self.chunks, None)
+        except BaseException:
+            self.archive.close()
+            raise
+        self.skeleton = skeleton_parts(self.archive, info.sheet_part)
         self.workers = workers
         self._skip = 0
         self._rows = self._iterate()

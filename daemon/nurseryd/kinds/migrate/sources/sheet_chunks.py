@@ -164,10 +164,12 @@ class SheetSplitter:
         return b"</" + self.namespace + b"sheetData></" + self.namespace + b"worksheet>"
 
 
-def skeleton_parts(archive: zipfile.ZipFile) -> dict[str, bytes]:
-    """The members a one-sheet copy of the workbook needs (all but sheets and media)."""
+def skeleton_parts(archive: zipfile.ZipFile, sheet_part: str) -> dict[str, bytes]:
+    """The members a one-sheet copy of the workbook needs: all but the sheets (the one
+    read, wherever it lives, is replaced by each slice) and media."""
     return {info.filename: archive.read(info) for info in archive.infolist()
-            if not info.is_dir() and not info.filename.startswith(_SKIPPED_PREFIXES)}
+            if not info.is_dir() and info.filename != sheet_part
+            and not info.filename.startswith(_SKIPPED_PREFIXES)}
 
 
 def chunk_workbook(skeleton: dict[str, bytes], part: str, prolog: bytes, body: bytes,
