@@ -8,6 +8,10 @@ and the daemon stays up. It is also what lets parsing run on another core while
 the daemon streams the previous batch into PostgreSQL (a thread gains <= 4%:
 the GIL).
 
+Which reader: python-calamine slice by slice (:mod:`.calamine_stream`) unless
+the sheet cannot be cut safely; then the whole-sheet choice of
+:func:`choose_reader` (calamine when its estimate fits the budget, else openpyxl).
+
 Input: one JSON object on stdin (path, sheet, target columns, caps, resume
 position...). Output: frames on stdout (see :mod:`.framing`): info, header,
 total, batches (the same :class:`~.base.SourceBatch` every source emits, built
