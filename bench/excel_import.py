@@ -1,7 +1,8 @@
-"""Excel import benchmark: the 155k-row chats workbook, upload -> ``completed``,
-beside the pandas baseline (``read_excel`` + ``to_sql(method="multi")``) in the same run.
+"""Excel import benchmark: the chats workbook, upload -> ``completed``, beside the DuckDB
+one-liner (``read_xlsx`` -> PostgreSQL) and pandas (``read_excel`` + ``to_sql``) in the same run.
 
-Run: ``.venv/bin/python bench/excel_import.py [--runs 3] [--rows 155000] [--no-baseline]``.
+Run: ``.venv/bin/python bench/excel_import.py [--runs 3] [--rows 155000] [--no-baseline]
+[--no-pandas]`` (``--rows 1000000`` for the large workbook; pandas is skipped above 200k rows).
 
 * generates the workbook with ``../shared/bench/gen_chats_xlsx.py`` (cached in
   ``bench/out/``), starts its own PostgreSQL (embedded pgserver build) and a real
@@ -10,9 +11,12 @@ Run: ``.venv/bin/python bench/excel_import.py [--runs 3] [--rows 155000] [--no-b
 * samples the RSS of the daemon and of its parser child every 10 ms (peak of
   each, and of their sum), and the latency of ``GET /healthz`` during the
   import versus idle;
-* times the pandas baseline into the same PostgreSQL (installs pandas,
-  SQLAlchemy and psycopg from the ``bench`` extra if missing; ``--no-baseline``
-  or an offline box skips it with a message).
+* times the DuckDB one-liner ``CREATE TABLE pg.public.chats_duckdb AS SELECT *
+  FROM read_xlsx(...)`` (excel + postgres extensions from PyPI's
+  ``duckdb-ext-excel``/``duckdb-ext-postgres``) into the same PostgreSQL, once per
+  nurseryd run, interleaved with them, and prints the ratio of the medians;
+* times the pandas baseline into the same PostgreSQL (installs the ``bench``
+  extra if missing; ``--no-baseline`` or an offline box skips the baselines).
 """
 
 from __future__ import annotations
@@ -39,6 +43,27 @@ from tests.pgtools import PgServer, start_test_server  # noqa: E402
 GENERATOR = ROOT.parent / "shared" / "bench" / "gen_chats_xlsx.py"
 OUT = ROOT / "bench" / "out"
 BASELINE_PACKAGES = ["pandas", "sqlalchemy", "psycopg[binary]"]
+DUCKDB_PACKAGES = ["duckdb==1.4.4", "duckdb-ext-excel==1.4.4.20260205",
+                   "duckdb-ext-postgres==1.4.4.20260205"]
+
+# The extensions ship inside their wheels in DuckDB's extension-directory layout.
+DUCKDB_SCRIPT = r"""
+import json, os, resource, sys, time
+import duckdb, duckdb_ext
+path, url = sys.argv[1], sys.argv[2]
+con = duckdb.connect()
+con.execute("SET extension_directory = ?", [os.path.join(duckdb_ext.__path__[0], "extensions")])
+con.execute("LOAD excel")
+con.execute("LOAD postgres")
+con.execute(f"ATTACH '{url}' AS pg (TYPE postgres)")
+con.execute("DROP TABLE IF EXISTS pg.public.chats_duckdb")
+t0 = time.perf_counter()
+con.execute(f"CREATE TABLE pg.public.chats_duckdb AS SELECT * FROM read_xlsx('{path}')")
+seconds = time.perf_counter() - t0
+rows = con.execute("SELECT count(*) FROM pg.public.chats_duckdb").fetchone()[0]
+print(json.dumps({"seconds": seconds, "rows": rows,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
 
 PANDAS_SCRIPT = r"""
 import json, resource, sys, time
@@ -182,6 +207,32 @@ def ensure_baseline_packages() -> bool:
     return True
 
 
+def ensure_duckdb() -> bool:
+    try:
+        import duckdb_ext  # noqa: F401
+        return True
+    except ImportError:
+        pass
+    print(f"installing {', '.join(DUCKDB_PACKAGES)} for the DuckDB baseline...", flush=True)
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                             *DUCKDB_PACKAGES], capture_output=True, text=True)
+    if result.returncode != 0:
+        print("DuckDB baseline skipped: could not install it "
+              f"({result.stderr.strip().splitlines()[-1:] or 'no network?'})")
+        return False
+    return True
+
+
+def duckdb_once(path: Path, server: PgServer, database: str) -> dict | None:
+    """The one-liner a user would pick instead, into the same PostgreSQL."""
+    result = subprocess.run([sys.executable, "-c", DUCKDB_SCRIPT, str(path),
+                             server.url(database)], capture_output=True, text=True)
+    if result.returncode != 0:
+        print("DuckDB baseline failed:", result.stderr[-2000:])
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def baseline(path: Path, server: PgServer) -> dict | None:
     if not ensure_baseline_packages():
         return None
@@ -200,6 +251,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=155_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-pandas", action="store_true")
+    parser.add_argument("--reader", default="auto",
+                        help="migration.reader of the daemon (auto = calamine-stream; "
+                             "calamine = the whole-sheet load, for comparison)")
     args = parser.parse_args()
     path = workbook(args.rows)
     with tempfile.TemporaryDirectory(prefix="nurseryd-excel-bench-") as tmp:
@@ -215,10 +270,16 @@ def run(args: argparse.Namespace, path: Path, server: PgServer, workdir: Path) -
     port = free_port()
     env = {**os.environ, "NURSERYD_DATABASE_URL": server.url("bench_excel"),
            "NURSERYD_STATE_DIR": str(workdir / "state"), "NURSERYD_BIND": f"127.0.0.1:{port}",
-           "NURSERYD_LOG_LEVEL": "WARNING", "NURSERYD_DIAGNOSTICS": "1"}
+           "NURSERYD_LOG_LEVEL": "WARNING"}
+    if args.reader != "auto":
+        config = workdir / "nurseryd.toml"
+        config.write_text(f'[migration]\nreader = "{args.reader}"\n')
+        env["NURSERYD_CONFIG"] = str(config)
     daemon = subprocess.Popen([sys.executable, "-m", "nurseryd.cli", "serve"], env=env)
     base_url = f"http://127.0.0.1:{port}"
     results: list[tuple[float, dict, int, int, int]] = []
+    ducks: list[dict] = []
+    use_duckdb = not args.no_baseline and ensure_duckdb()
     try:
         client = httpx.Client(base_url=base_url, timeout=120)
         deadline = time.time() + 60
@@ -246,6 +307,12 @@ def run(args: argparse.Namespace, path: Path, server: PgServer, workdir: Path) -
             results.append((elapsed, job, sampler.peak_self, sampler.peak_children,
                             sampler.peak_sum))
             time.sleep(0.5)
+            if use_duckdb:  # interleaved: both see the same machine, run by run
+                server.psql("CHECKPOINT", "bench_excel")
+                duck = duckdb_once(path, server, "bench_excel")
+                if duck is not None:
+                    ducks.append(duck)
+                time.sleep(0.5)
         reimport, rejob = import_once(client, path)  # unchanged file over the loaded table
         pinger.stop_event.set()
         sampler.stop_event.set()
@@ -281,16 +348,24 @@ def run(args: argparse.Namespace, path: Path, server: PgServer, workdir: Path) -
     print(f"| GET /healthz p50 / p99 during import (ms) | "
           f"{statistics.median(pinger.samples['import']) * 1000:.1f} / "
           f"{p99(pinger.samples['import']) * 1000:.1f} |")
-    base = None if args.no_baseline else baseline(path, server)
-    if args.no_baseline:
-        print("| pandas baseline | skipped (--no-baseline) |")
+    if ducks:
+        duck_median = statistics.median(d["seconds"] for d in ducks)
+        print(f"| DuckDB read_xlsx → PostgreSQL, median [min–max] of {len(ducks)} (s) | "
+              f"{duck_median:.2f} [{min(d['seconds'] for d in ducks):.2f}–"
+              f"{max(d['seconds'] for d in ducks):.2f}], {ducks[0]['rows']:,} rows, "
+              f"peak RSS {max(d['peak_rss_mib'] for d in ducks):.0f} MiB |")
+        print(f"| nurseryd / DuckDB (medians, same run) | {median / duck_median:.2f} |")
+    skip_pandas = args.no_baseline or args.no_pandas or args.rows > 200_000
+    base = None if skip_pandas else baseline(path, server)
+    if skip_pandas:
+        print("| pandas baseline | skipped |")
     elif base is not None:
         print(f"| pandas read_excel + to_sql(method='multi', chunksize=1000) (s) | "
               f"{base['seconds']:.2f} (read {base['read_s']:.2f} + to_sql "
               f"{base['to_sql_s']:.2f}), {base['rows'] / base['seconds']:,.0f} rows/s, "
               f"peak RSS {base['peak_rss_mib']:.0f} MiB |")
         print(f"| speed-up vs pandas | {base['seconds'] / median:.1f}× |")
-    print(json.dumps({"seconds": times, "rows": rows, "baseline": base,
+    print(json.dumps({"seconds": times, "rows": rows, "baseline": base, "duckdb": ducks,
                       "peak_rss_mib": [r[4] / mib for r in results]}))
 
 

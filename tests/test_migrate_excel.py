@@ -46,7 +46,7 @@ async def chats_checksum(db: Database) -> list:
     return [tuple(r) for r in await db.fetch("SELECT * FROM chats ORDER BY chat_id")]
 
 
-@pytest.mark.parametrize("reader", ["calamine", "openpyxl"])
+@pytest.mark.parametrize("reader", ["calamine-stream", "calamine", "openpyxl"])
 async def test_both_writers_and_both_readers_load_the_same_rows(db: Database, tmp_path: Path,
                                                                 reader: str) -> None:
     by_xlsxwriter = xf.write_xlsxwriter(tmp_path / "a.xlsx", ROWS)
@@ -102,7 +102,7 @@ async def test_1904_date_system(db: Database, tmp_path: Path, writer: str) -> No
               "is_vip"]
     write = xf.write_openpyxl if writer == "openpyxl" else xf.write_xlsxwriter
     path = write(tmp_path / "mac.xlsx", rows, header=header, date1904=True)
-    for reader in ("calamine", "openpyxl"):
+    for reader in ("calamine-stream", "calamine", "openpyxl"):
         ctx, result = await migrate(db, path, reader=reader)
         assert result["date1904"] is True
         assert await db.fetchval("SELECT created_at FROM chats") == \
@@ -164,7 +164,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-@pytest.mark.parametrize("reader", ["calamine", "openpyxl"])
+@pytest.mark.parametrize("reader", ["calamine-stream", "calamine", "openpyxl"])
 async def test_hostile_workbooks_fail_fast_with_a_reason(db: Database, tmp_path: Path,
                                                           name: str, reader: str) -> None:
     build, reason = HOSTILE[name]
@@ -237,7 +237,7 @@ def test_real_workbooks_pass_sniffing(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.parametrize("reader", ["calamine", "openpyxl"])
+@pytest.mark.parametrize("reader", ["calamine-stream", "calamine", "openpyxl"])
 async def test_table_starting_below_and_right_of_a1(db: Database, tmp_path: Path,
                                                     reader: str) -> None:
     """Leading empty rows and columns: row numbers stay the sheet's, no row is lost."""
@@ -268,15 +268,21 @@ async def test_table_starting_below_and_right_of_a1(db: Database, tmp_path: Path
 
 
 async def test_reader_follows_the_memory_budget(db: Database, tmp_path: Path) -> None:
-    """calamine loads the whole sheet: beyond the budget the streaming reader is used."""
+    """By default the sheet is read in slices whatever its size; a sheet that cannot be
+    cut (here: rows without numbers) goes to whole-sheet calamine when its estimate fits
+    the budget, else to openpyxl, which streams."""
     from nurseryd.kinds.migrate.sources.excel_child import BASE_BYTES
 
     rows = [xf.chat_row(i) for i in range(1, 1001)]
-    path = xf.write_xlsxwriter(tmp_path / "budget.xlsx", rows)
+    sliced = xf.write_xlsxwriter(tmp_path / "sliced.xlsx", rows)
+    ctx, result = await migrate(db, sliced)
+    assert result["reader"] == "calamine-stream" and ctx.counters["processed"] == 1000
+    path = xf.without_row_numbers(sliced, tmp_path / "budget.xlsx")
     fits = MigrationSettings(memory_budget_bytes=BASE_BYTES + 64 * 1024**2)
     tight = MigrationSettings(memory_budget_bytes=BASE_BYTES + 256 * 1024)
     ctx, result = await migrate(db, path, settings=fits)
     assert result["reader"] == "calamine" and ctx.counters["processed"] == 1000
+    assert result["unchanged"] == 1000
     ctx, result = await migrate(db, path, settings=tight)
     assert result["reader"] == "openpyxl" and ctx.counters["processed"] == 1000
     assert result["unchanged"] == 1000  # the same values through the other reader

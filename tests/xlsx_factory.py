@@ -140,6 +140,21 @@ def raw_workbook(path: Path, sheet_xml: str | bytes, *, shared_strings: str | No
     return path
 
 
+def without_row_numbers(source: Path, path: Path) -> Path:
+    """A copy of a workbook whose rows carry no r attribute (legal OOXML: the number
+    is then implied; the cells keep theirs), which the sliced reader cannot cut."""
+    import re
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as new:
+        for info in old.infolist():
+            data = old.read(info)
+            if info.filename.startswith("xl/worksheets/"):
+                data = re.sub(rb'(<row\b[^>]*?) r="\d+"', rb"\1", data)
+                data = re.sub(rb"<dimension [^>]*/>", b"", data)
+            new.writestr(info, data)
+    return path
+
+
 def _inline(ref: str, text: str) -> str:
     return f'<c r="{ref}" t="inlineStr"><is><t>{text}</t></is></c>'
 

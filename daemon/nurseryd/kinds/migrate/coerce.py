@@ -756,10 +756,15 @@ class RowCoercer:
             return batch
         width = self.width
         rows = [row for _, row in numbered_rows]
-        if min(map(len, rows)) < width:
+        shortest, longest = min(map(len, rows)), max(map(len, rows))
+        if shortest < width:
             rows = [row if len(row) >= width else list(row) + [None] * (width - len(row))
                     for row in rows]
-        raw_columns = list(zip(*rows, strict=True))
+            shortest = width
+        # Rows of one batch may differ in width (a sliced sheet widens as it goes);
+        # only the first `width` cells feed columns, the rest still count for blankness.
+        raw_columns = list(zip(*rows, strict=True)) if shortest == longest else \
+            list(zip(*(row[:width] for row in rows), strict=True))
         row_errors: dict[int, tuple[str, str]] = {}
         columns: list[list[str]] = []
         for pos, column_type, convert, required, name in zip(

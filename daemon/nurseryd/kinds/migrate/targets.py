@@ -79,8 +79,13 @@ class MigrationSettings:
     parse_timeout_s: float = 1800.0
     batch_rows: int = 5000
     timezone: str = "UTC"
-    #: "auto" (calamine when it fits the budget), "calamine" or "openpyxl".
+    #: "auto" (python-calamine slice by slice; a sheet that cannot be cut: calamine
+    #: whole when it fits the budget, else openpyxl), "calamine-stream",
+    #: "calamine" (whole sheet) or "openpyxl".
     reader: str = "auto"
+    #: Sheet XML per slice for calamine-stream: memory of the parser grows with
+    #: it (~3x, twice over while the next slices parse), speed does not.
+    slice_bytes: int = 8 * 1024**2
     caps: ParseCaps = ParseCaps()
 
 
@@ -196,7 +201,7 @@ def parse_targets(raw: Any, whole: Mapping[str, Any]) -> dict[str, Target]:
 _MIGRATION_KEYS = {
     "default_target", "max_upload_bytes", "memory_budget_mb", "parse_timeout_s", "batch_rows",
     "timezone", "reader", "max_entry_bytes", "max_total_bytes", "max_compression_ratio",
-    "max_rows", "max_columns",
+    "max_rows", "max_columns", "slice_bytes",
 }
 
 
@@ -222,8 +227,9 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
         raise ConfigError("migration.timezone", f"unknown time zone {timezone!r}; use an IANA "
                           "name like 'UTC' or 'Europe/Moscow'") from None
     reader = raw.get("reader", base.reader)
-    if reader not in ("auto", "calamine", "openpyxl"):
-        raise ConfigError("migration.reader", "expected 'auto', 'calamine' or 'openpyxl'")
+    if reader not in ("auto", "calamine-stream", "calamine", "openpyxl"):
+        raise ConfigError("migration.reader",
+                          "expected 'auto', 'calamine-stream', 'calamine' or 'openpyxl'")
     ratio = raw.get("max_compression_ratio", base.caps.max_ratio)
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 2:
         raise ConfigError("migration.max_compression_ratio", "expected a number >= 2")
@@ -255,6 +261,9 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
                                       raw.get("batch_rows", base.batch_rows), minimum=1),
         timezone=str(timezone),
         reader=str(reader),
+        slice_bytes=parse_positive_int("migration.slice_bytes",
+                                       raw.get("slice_bytes", base.slice_bytes),
+                                       minimum=64 * 1024),
         caps=caps,
     )
 

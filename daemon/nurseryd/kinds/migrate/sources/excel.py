@@ -79,7 +79,7 @@ class ExcelSource:
             "caps": asdict(self.settings.caps), "batch_rows": self.settings.batch_rows,
             "memory_bytes": self.settings.memory_budget_bytes,
             "cpu_seconds": self.settings.parse_timeout_s,
-            "reader": self.settings.reader,
+            "reader": self.settings.reader, "slice_bytes": self.settings.slice_bytes,
             "start_after_row": int(resume) if resume is not None else 0,
         }
 

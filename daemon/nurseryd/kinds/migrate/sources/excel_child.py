@@ -8,6 +8,10 @@ and the daemon stays up. It is also what lets parsing run on another core while
 the daemon streams the previous batch into PostgreSQL (a thread gains <= 4%:
 the GIL).
 
+Which reader: python-calamine slice by slice (:mod:`.calamine_stream`) unless
+the sheet cannot be cut safely; then the whole-sheet choice of
+:func:`choose_reader` (calamine when its estimate fits the budget, else openpyxl).
+
 Input: one JSON object on stdin (path, sheet, target columns, caps, resume
 position...). Output: frames on stdout (see :mod:`.framing`): info, header,
 total, batches (the same :class:`~.base.SourceBatch` every source emits, built
@@ -33,9 +37,13 @@ from ..coerce import ColumnSpec
 from ..xlsx_checks import ParseCaps, WorkbookInfo, WorkbookRejected, inspect_workbook
 from . import framing
 from .base import Emitter, SourceError
+from .calamine_stream import CHUNK_BYTES, ChunkedRows
+from .sheet_chunks import NotSplittable
 
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1024 * 1024
+#: The reader name of python-calamine slice by slice (the default).
+STREAM_READER = "calamine-stream"
 #: Interpreter + python-calamine + our modules, measured at ~20 MiB RSS; address
 #: space (what RLIMIT_AS limits) is larger.
 BASE_BYTES = 96 * 1024**2
@@ -56,9 +64,30 @@ def estimate_calamine_bytes(info: WorkbookInfo) -> int:
 
 
 def choose_reader(info: WorkbookInfo, configured: str, budget: int) -> str:
+    """The whole-sheet reader to use when the sheet cannot be read in slices."""
     if configured in ("calamine", "openpyxl"):
         return configured
     return "calamine" if estimate_calamine_bytes(info) <= budget else "openpyxl"
+
+
+def open_rows(path: str, info: WorkbookInfo, configured: str, budget: int, *,
+              slice_bytes: int = CHUNK_BYTES) -> tuple[str, Iterator[tuple[int, Any]], int | None]:
+    """(reader name, numbered rows, last row number if known) for the sheet.
+
+    ``auto`` reads python-calamine slice by slice (:mod:`.calamine_stream`):
+    calamine's speed at any size, memory bounded by the slice. A sheet that
+    cannot be cut safely falls back to the whole-sheet choice.
+    """
+    if configured in ("auto", STREAM_READER):
+        try:
+            return STREAM_READER, ChunkedRows(path, info, chunk_bytes=slice_bytes), None
+        except NotSplittable:
+            if configured == STREAM_READER:
+                raise
+    reader = choose_reader(info, configured, budget)
+    if reader == "calamine":
+        return reader, *calamine_rows(path, info)
+    return reader, *openpyxl_rows(path, info)
 
 
 class Output:
@@ -122,18 +151,15 @@ def run(spec: dict[str, Any], out: Output) -> None:
     start_after = int(spec.get("start_after_row") or 0)
     batch_rows = int(spec["batch_rows"])
     info = inspect_workbook(path, spec.get("sheet"), caps)
-    reader = choose_reader(info, spec.get("reader", "auto"), int(spec["memory_bytes"]))
+    reader, rows, last_row = open_rows(
+        path, info, spec.get("reader", "auto"), int(spec["memory_bytes"]),
+        slice_bytes=int(spec.get("slice_bytes") or CHUNK_BYTES))
     declared = info.estimated_rows()
     out.send(framing.INFO, {"reader": reader, "sheet": info.sheet_name,
                             "date1904": info.date1904, "declared_rows": declared,
                             "estimated_calamine_bytes": estimate_calamine_bytes(info)})
     if declared is not None:
         out.send(framing.TOTAL, {"total": max(declared - 1, 0)})
-    last_row: int | None  # openpyxl may not know it
-    if reader == "calamine":
-        rows, last_row = calamine_rows(path, info)
-    else:
-        rows, last_row = openpyxl_rows(path, info)
 
     header_row = 0
     header: Sequence[Any] = ()
@@ -151,6 +177,8 @@ def run(spec: dict[str, Any], out: Output) -> None:
         out.send(framing.TOTAL, {"total": max(last_row - header_row, 0)})
     max_row = header_row + caps.max_rows
     last_seen = max(header_row, start_after)
+    if isinstance(rows, ChunkedRows):
+        rows.skip_through(start_after)
     parent = os.getppid()
     # islice takes a batch in C: a Python loop over 155k rows cost ~0.15 s here.
     while pending := list(itertools.islice(rows, batch_rows)):
@@ -192,6 +220,9 @@ def main() -> int:
     try:
         set_limits(int(spec["memory_bytes"]), float(spec.get("cpu_seconds", 0)))
         run(spec, out)
+    except NotSplittable as error:  # only when calamine-stream was configured
+        out.send(framing.ERROR, {"kind": "rejected", "reason": (
+            f"the sheet cannot be read in slices ({error}); set migration.reader = \"auto\"")})
     except SourceError as error:  # the header does not fit the target
         out.send(framing.ERROR, {"kind": "header", "reason": str(error)})
     except WorkbookRejected as error:
