@@ -13,7 +13,7 @@ Bounded: each waits at most a minute for the job to finish.
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -80,6 +80,25 @@ async def until_finished(client, path: str) -> dict:  # noqa: ANN001 - an httpx 
     return await eventually(finished, timeout=60, interval=0.1)
 
 
+async def restart_mid_job(server: PgServer, client, path: str,  # noqa: ANN001 - httpx
+                          reached: Callable[[dict], bool]) -> dict:
+    """Once the job at ``path`` has ``reached`` a point mid-way, restart the server;
+    returns the job as it ended."""
+
+    async def mid_way() -> bool:
+        return reached((await client.get(path)).json())
+
+    await eventually(mid_way, timeout=30, interval=0.005)
+    await restart(server)
+    return await until_finished(client, path)
+
+
+async def assert_still_serving(daemon: DaemonProcess, client) -> None:  # noqa: ANN001
+    assert daemon.process.returncode is None
+    assert (await client.get("/healthz")).status_code == 200
+    assert (await client.get("/readyz")).status_code == 200
+
+
 async def nothing_running(server: PgServer) -> int:
     async with open_database(server.url("chaos"), min_size=1, max_size=1) as db:
         return await db.fetchval("SELECT count(*) FROM jobs WHERE status = 'running'")
@@ -89,20 +108,13 @@ async def test_postgres_restarted_mid_job(own_server: PgServer, state_dir: Path,
                                           aio_loop: object) -> None:
     async with daemon_on(own_server, state_dir) as daemon, daemon.client() as client:
         job = (await client.post("/jobs/sleep", json={"seconds": 6})).json()
-
-        async def checkpointed() -> bool:
-            current = (await client.get(f"/jobs/{job['id']}")).json()
-            return current["status"] == "running" and current["processed"] >= 2
-
-        await eventually(checkpointed, timeout=20, interval=0.05)
-        await restart(own_server)
-        done = await until_finished(client, f"/jobs/{job['id']}")
+        done = await restart_mid_job(
+            own_server, client, f"/jobs/{job['id']}",
+            lambda job: job["status"] == "running" and job["processed"] >= 2)
         assert done["status"] == "completed", done
         assert done["result"] == {"slept_s": 6} and done["processed"] == 6
         assert done["attempts"] >= 2  # the outage cost it an attempt, resumed from a checkpoint
-        assert daemon.process.returncode is None
-        assert (await client.get("/healthz")).status_code == 200
-        assert (await client.get("/readyz")).status_code == 200
+        await assert_still_serving(daemon, client)
     assert await nothing_running(own_server) == 0
 
 
@@ -120,18 +132,12 @@ async def test_postgres_restarted_mid_import(own_server: PgServer, state_dir: Pa
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
         upload = state_dir / "uploads" / response.json()["params"]["upload"]
-
-        async def mid_way() -> bool:
-            job = (await client.get(f"/migration/jobs/{job_id}")).json()
-            return job["status"] == "running" and job["processed"] >= 200
-
-        await eventually(mid_way, timeout=30, interval=0.005)
-        await restart(own_server)
-        done = await until_finished(client, f"/migration/jobs/{job_id}")
+        done = await restart_mid_job(
+            own_server, client, f"/migration/jobs/{job_id}",
+            lambda job: job["status"] == "running" and job["processed"] >= 200)
         assert done["status"] == "completed", done
         assert (done["total"], done["processed"], done["failed"]) == (ROWS, ROWS, 0)
-        assert daemon.process.returncode is None
-        assert (await client.get("/healthz")).status_code == 200
+        await assert_still_serving(daemon, client)
     assert not upload.exists()  # kept through the outage, removed once completed
     async with open_database(own_server.url("chaos"), min_size=1, max_size=1) as db:
         assert await db.fetchval("SELECT count(*) FROM chats") == ROWS
