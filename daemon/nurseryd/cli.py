@@ -1,4 +1,6 @@
-"""Command-line entry points: ``nurseryd serve`` and ``nurseryd check-config``."""
+"""Command-line entry points: ``nurseryd serve`` and ``nurseryd check-config`` run or
+check the daemon here; every other command is the client (:mod:`.console`), which
+talks to a running daemon over HTTP and needs no configuration file."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import trio
 
 from .config import Settings, load_settings
+from .console import commands as console
 from .errors import ConfigError, StartupError
 from .features import FEATURES
 from .observe.logs import configure_logging
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--config", metavar="FILE", help="TOML configuration file "
                              "(default: $NURSERYD_CONFIG, else built-in defaults)")
+    console.add_parsers(commands)
     args = parser.parse_args(argv)
+    if args.command in console.COMMANDS:
+        return console.run(args)
 
     try:
         settings = _load(args.config)

@@ -1,0 +1,1 @@
+"""The command-line client: the daemon's HTTP API from a terminal (``nurseryd jobs`` ...)."""
