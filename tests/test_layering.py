@@ -30,7 +30,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "daemon" / PACKAGE
 
 FLOORS: list[set[str]] = [
     {"cli"},
-    {"root"},
+    {"root", "console"},  # console: the HTTP client; it imports no daemon module
     {"features"},
     {"http", "supervisor"},
     {"kinds"},
