@@ -69,11 +69,11 @@ async def hold_owner_lock(conn: asyncpg.Connection, owner: str) -> None:
 _INSERT = f"""
 WITH input AS (
     SELECT nextval(pg_get_serial_sequence('jobs', 'id')) AS id, t.*
-    FROM unnest($1::text[], $2::jsonb[], $3::float8[], $4::text[]) WITH ORDINALITY
-         AS t(kind, params, timeout_s, owner, ord)
+    FROM unnest($1::text[], $2::jsonb[], $3::float8[], $4::text[], $5::text[]) WITH ORDINALITY
+         AS t(kind, params, timeout_s, owner, submitted_by, ord)
 ), inserted AS (
-    INSERT INTO jobs (id, kind, params, timeout_s, owner)
-    SELECT id, kind, params, timeout_s, owner FROM input ORDER BY ord
+    INSERT INTO jobs (id, kind, params, timeout_s, owner, submitted_by)
+    SELECT id, kind, params, timeout_s, owner, submitted_by FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING {_RETURNING}
 )
@@ -110,6 +110,7 @@ def _guard(change: Change) -> tuple[str | None, str]:
 _CANCEL_QUEUED = f"""
 UPDATE jobs SET status = $3, finished_at = now(),
     cancel_requested_at = coalesce(cancel_requested_at, now()),
+    cancelled_by = coalesce(cancelled_by, $5),
     error = 'cancelled before it started'
 WHERE id = $1 AND status = $4
   AND (owner IS NULL OR owner = $2 OR pg_try_advisory_xact_lock({owner_lock_sql('owner')}))
@@ -152,6 +153,7 @@ class PostgresJobStore:
                 _INSERT,
                 [job.kind for job in jobs], [job.params for job in jobs],
                 [job.timeout_s for job in jobs], [job.owner for job in jobs],
+                [job.submitted_by for job in jobs],
             )
 
         rows = await self.db.run(_insert, transaction=False)
@@ -230,20 +232,21 @@ class PostgresJobStore:
             kind, list(statuses) if statuses else None, before_id, limit,
         )
 
-    async def cancel_queued(self, job_id: int, owner: str) -> Row | None:
+    async def cancel_queued(self, job_id: int, owner: str, by: str | None = None) -> Row | None:
         """A live daemon's queued job is left to that daemon (``request_cancel``),
         which would otherwise still start it."""
         row = await self.db.fetchrow(
             _CANCEL_QUEUED, job_id, owner, next_status(Status.QUEUED, Event.CANCEL).value,
-            Status.QUEUED.value)
+            Status.QUEUED.value, by)
         if row is not None:
             self.feed.publish([JobChanged(Event.CANCEL, row)])
         return row
 
-    async def request_cancel(self, job_id: int) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
         await self.db.execute(
-            "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())"
-            " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE))
+            "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+            " cancelled_by = coalesce(cancelled_by, $3)"
+            " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE), by)
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         rows = await self.db.fetch(

@@ -18,6 +18,7 @@ from quart import Blueprint
 from quart_trio import QuartTrio
 
 from ..services import Services
+from .access import install_access
 from .context import EXTENSION_KEY
 from .errors import install_error_handlers
 from .jobs import blueprint as jobs_blueprint
@@ -47,4 +48,6 @@ def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTr
             app.register_blueprint(blueprint)
     install_error_handlers(app)
     install_request_metrics(app, services.observability.metrics)
+    # After the metrics hook: refused requests are counted and timed too.
+    install_access(app, services.settings)
     return app

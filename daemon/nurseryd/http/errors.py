@@ -23,11 +23,16 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import (
+    BodyTypeRefused,
+    CrossSiteRefused,
     DatabaseUnavailable,
     Draining,
+    HostNotAllowed,
     JobAlreadyFinished,
     JobConflict,
     JobNotFound,
+    NotAuthenticated,
+    NotPermitted,
     NurserydError,
     ParamError,
     QueueFull,
@@ -60,6 +65,13 @@ def _invalid_param(error: ParamError) -> Answer:
                           "invalid_params": [{"name": error.field, "reason": error.message}]})
 
 
+def _not_authenticated(error: NotAuthenticated) -> Answer:
+    # RFC 6750 section 3: a wrong token says so; a missing one only names the scheme.
+    challenge = 'Bearer realm="nurseryd"' + (', error="invalid_token"'
+                                             if error.wrong_token else "")
+    return Answer(str(error), title="Unauthorized", headers={"WWW-Authenticate": challenge})
+
+
 #: error class -> (HTTP status, what the problem body says about it).
 ERROR_TABLE: dict[type[Exception], tuple[int, Callable[[Any], Answer]]] = {
     ParamError: (422, _invalid_param),
@@ -71,6 +83,11 @@ ERROR_TABLE: dict[type[Exception], tuple[int, Callable[[Any], Answer]]] = {
     Draining: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
     QueueFull: (503, lambda error: Answer(str(error), headers={"Retry-After": "1"})),
     DatabaseUnavailable: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
+    NotAuthenticated: (401, _not_authenticated),
+    NotPermitted: (403, _said),
+    CrossSiteRefused: (403, lambda error: Answer(str(error), title="Cross-site request refused")),
+    HostNotAllowed: (421, _said),
+    BodyTypeRefused: (415, _said),
 }
 
 

@@ -10,6 +10,8 @@ from quart import Blueprint, Response, request
 
 from ..lifecycle import Status
 from ..supervisor import JobNotFound
+from .access import caller_name, route_rules
+from .access_policy import RouteAccess
 from .context import get_services
 from .problems import Problem
 from .query import int_arg
@@ -112,7 +114,8 @@ async def trigger(kind: str) -> Response:
     timeout_s = params.pop("timeout_s", None)
     if timeout_s is None:
         timeout_s = _query_timeout()
-    job = await services.supervisor.submit(kind, params, timeout_s=timeout_s)
+    job = await services.supervisor.submit(kind, params, timeout_s=timeout_s,
+                                           submitted_by=caller_name())
     return accepted(job)
 
 
@@ -151,17 +154,20 @@ async def get_job(job_id: str) -> Response:
 
 @blueprint.post("/jobs/<job_id>/cancel")
 async def cancel_job(job_id: str) -> Response:
-    job = await get_services().supervisor.cancel(parse_job_id(job_id))
+    job = await get_services().supervisor.cancel(parse_job_id(job_id),
+                                                 cancelled_by=caller_name())
     status = 200 if Status(job["status"]).is_terminal else 202
     return json_response(job, status)
 
 
 @blueprint.get("/healthz")
+@route_rules(RouteAccess.PUBLIC)
 async def healthz() -> Response:
     return json_response({"status": "alive"})
 
 
 @blueprint.get("/readyz")
+@route_rules(RouteAccess.PUBLIC)
 async def readyz() -> Response:
     services = get_services()
     if services.supervisor.draining:

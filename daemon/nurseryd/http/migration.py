@@ -19,6 +19,8 @@ from ..kinds.migrate.targets import configured_targets, migration_settings
 from ..kinds.migrate.uploads_dir import new_upload_paths
 from ..kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
 from ..supervisor import JobNotFound
+from .access import caller_name, route_rules
+from .access_policy import MULTIPART
 from .context import get_services
 from .jobs import json_response, parse_job_id
 from .problems import Problem
@@ -38,6 +40,7 @@ def migration_job_json(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @blueprint.post("/migration/excel")
+@route_rules(body_type=MULTIPART)
 async def upload_excel() -> Response:
     services = get_services()
     settings = migration_settings(services.settings)
@@ -63,7 +66,8 @@ async def upload_excel() -> Response:
         params = ExcelImportParams.parse({
             "upload": final_path.name, "target": target, "sheet": sheet,
             "filename": upload.filename, "bytes": upload.size})
-        job = await services.supervisor.submit("migration", params.to_json())
+        job = await services.supervisor.submit("migration", params.to_json(),
+                                               submitted_by=caller_name())
     except BaseException:
         discard(part_path, final_path)
         raise

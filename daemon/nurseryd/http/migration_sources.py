@@ -22,6 +22,7 @@ from quart import Blueprint, Response
 from ..kinds.migrate.external_sources import DatabaseImportParams, SheetsImportParams
 from ..kinds.migrate.source_config import database_sources, sheets_config
 from ..kinds.migrate.targets import configured_targets, migration_settings
+from .access import caller_name
 from .context import get_services
 from .jobs import json_response, read_json_object
 from .migration import migration_job_json
@@ -56,7 +57,8 @@ def _check_target(target: str) -> None:
 
 
 async def _submit(params: dict[str, Any]) -> Response:
-    job = await get_services().supervisor.submit("migration", params)
+    job = await get_services().supervisor.submit("migration", params,
+                                                 submitted_by=caller_name())
     return json_response(migration_job_json(job), 202,
                          {"Location": f"/migration/jobs/{job['id']}"})
 
