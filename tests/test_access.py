@@ -272,3 +272,38 @@ async def test_a_public_bind_with_a_token_starts(database_url: str, state_dir: P
             assert (await client.get("/jobs")).status_code == 401
             assert (await client.get("/jobs", headers=bearer(READER))).status_code == 200
         await trio.lowlevel.checkpoint()
+
+
+# -- what a read token sees ---------------------------------------------------------------
+
+
+async def test_reject_values_are_shown_to_admins_only(database_url: str, state_dir: Path,
+                                                      tmp_path: Path) -> None:
+    rows = [list(xf.chat_row(i)) for i in range(1, 4)]
+    rows[1][9] = "many"  # message_count: a reject with its raw values
+    path = xf.write_openpyxl(tmp_path / "chats.xlsx", rows)
+    async with run_daemon(with_tokens(make_settings(database_url, state_dir))) as daemon:
+        response = await daemon.client.post(
+            "/migration/excel", files={"file": ("chats.xlsx", path.read_bytes())},
+            headers=bearer(ADMIN))
+        assert response.status_code == 202, response.text
+        job = response.json()
+        assert job["submitted_by"] == "api"
+
+        async def finished() -> bool:
+            got = (await daemon.client.get(f"/jobs/{job['id']}", headers=bearer(READER))).json()
+            return bool(got["status"] == "completed")
+
+        await eventually(finished, timeout=30, interval=0.05)
+        url = f"/jobs/{job['id']}/rejects"
+        admin = (await daemon.client.get(url, headers=bearer(ADMIN))).json()
+        assert admin["rejects"][0]["values"]["message_count"] == "many"
+        assert "values_hidden" not in admin
+        reader = (await daemon.client.get(url, headers=bearer(READER))).json()
+        assert reader["values_hidden"] is True
+        assert [(r["row"], r["column"], r["values"]) for r in reader["rejects"]] == [
+            (r["row"], r["column"], None) for r in admin["rejects"]]
+        # A read token sees the job itself, params and result included.
+        seen = (await daemon.client.get(f"/migration/jobs/{job['id']}",
+                                        headers=bearer(READER))).json()
+        assert seen["params"]["filename"] == "chats.xlsx" and seen["result"] is not None

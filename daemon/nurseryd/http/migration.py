@@ -19,7 +19,7 @@ from ..kinds.migrate.targets import configured_targets, migration_settings
 from ..kinds.migrate.uploads_dir import new_upload_paths
 from ..kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
 from ..supervisor import JobNotFound
-from .access import caller_name, route_rules
+from .access import caller_is_admin, caller_name, route_rules
 from .access_policy import MULTIPART
 from .context import get_services
 from .jobs import json_response, parse_job_id
@@ -93,7 +93,12 @@ async def get_migration_job(job_id: str) -> Response:
 
 @blueprint.get("/jobs/<job_id>/rejects")
 async def list_rejects(job_id: str) -> Response:
-    """Rejected rows by row number, keyset-paginated (``after`` = last row number seen)."""
+    """Rejected rows by row number, keyset-paginated (``after`` = last row number seen).
+
+    The raw values of a rejected row are customer data (names, e-mails, phones), so
+    only an admin caller sees them; a read token gets row, column and reason, and
+    ``values`` is ``null`` with ``values_hidden: true``.
+    """
     job = await _migration_job(job_id)
     unknown = sorted(set(request.args) - {"limit", "after"})
     if unknown:
@@ -102,10 +107,13 @@ async def list_rejects(job_id: str) -> Response:
     limit = int_arg("limit", DEFAULT_REJECTS_PAGE, 1, MAX_REJECTS_PAGE)
     after = int_arg("after", 0, 0, 2**63 - 1)
     rows = await rejectsdb.page(get_services().db, job["id"], after, limit)
+    show_values = caller_is_admin()
     rejects = [{"row": row["row_number"], "column": row["column_name"],
-                "reason": row["reason"], "values": row["raw"]} for row in rows]
+                "reason": row["reason"], "values": row["raw"] if show_values else None}
+               for row in rows]
     next_url = None
     if len(rejects) == limit:
         next_url = f"/jobs/{job['id']}/rejects?after={rejects[-1]['row']}&limit={limit}"
     return json_response({"job_id": job["id"], "status": job["status"], "failed": job["failed"],
-                          "rejects": rejects, "next": next_url})
+                          "rejects": rejects, "next": next_url,
+                          **({} if show_values else {"values_hidden": True})})
