@@ -48,6 +48,17 @@ def route_rules(access: RouteAccess = RouteAccess.API, body_type: str = JSON) ->
     return mark
 
 
+def streamed_paths(app: QuartTrio) -> list[str]:
+    """The paths of routes marked as taking multipart bodies: uploads, which stream
+    to disk and so need no cap on what they buffer (see bodies.py)."""
+    paths = []
+    for rule in app.url_map.iter_rules():
+        rules = getattr(app.view_functions.get(rule.endpoint), _RULES_ATTRIBUTE, _DEFAULT_RULES)
+        if rules.body_type != JSON:
+            paths.append(rule.rule)
+    return paths
+
+
 def caller() -> Principal | None:
     """Who the current request acts for (``None`` on public routes)."""
     principal: Principal | None = g.get("nurseryd_principal")

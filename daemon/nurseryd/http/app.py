@@ -18,7 +18,8 @@ from quart import Blueprint
 from quart_trio import QuartTrio
 
 from ..services import Services
-from .access import install_access
+from .access import install_access, streamed_paths
+from .bodies import bounded_request_class
 from .context import EXTENSION_KEY
 from .errors import install_error_handlers
 from .jobs import blueprint as jobs_blueprint
@@ -37,7 +38,8 @@ def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTr
     app = QuartTrio("nurseryd")
     # No global cap: Quart's would refuse uploads by their Content-Length before
     # any handler runs. Bodies are capped where they are read (jobs.read_body for
-    # JSON, uploads.py for files).
+    # JSON, uploads.py for files), and what a request may buffer unread is capped
+    # by its route (bodies.py).
     app.config["MAX_CONTENT_LENGTH"] = None
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     app.extensions[EXTENSION_KEY] = services
@@ -46,6 +48,7 @@ def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTr
     for feature in features:
         for blueprint in feature.blueprints:
             app.register_blueprint(blueprint)
+    app.request_class = bounded_request_class(streamed_paths(app))
     install_error_handlers(app)
     install_request_metrics(app, services.observability.metrics)
     # After the metrics hook: refused requests are counted and timed too.

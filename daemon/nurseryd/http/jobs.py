@@ -6,6 +6,7 @@ import json
 import math
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, request
 
 from ..lifecycle import Status
@@ -20,6 +21,9 @@ blueprint = Blueprint("jobs", __name__)
 
 #: JSON bodies are small; uploads stream on their own path with their own cap.
 MAX_JSON_BODY = 1024 * 1024
+#: The whole of a JSON body must arrive within this (a body sent at 1 byte per
+#: 40 s would otherwise hold its request, and its memory, for as long as it likes).
+JSON_BODY_DEADLINE_S = 30.0
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
@@ -41,6 +45,7 @@ async def read_body(limit: int = MAX_JSON_BODY) -> bytes:
     The app sets no global body cap (uploads stream with their own), so every
     handler that buffers a body goes through here: the cap holds for chunked
     bodies without Content-Length too, and nothing beyond it is kept in memory.
+    The whole body must arrive within :data:`JSON_BODY_DEADLINE_S` (408 otherwise).
     """
     too_large = Problem(413, f"the body is larger than {limit} bytes; send a small JSON "
                         "object (files go to their upload endpoints)")
@@ -48,11 +53,15 @@ async def read_body(limit: int = MAX_JSON_BODY) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.body:
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    with trio.move_on_after(JSON_BODY_DEADLINE_S) as deadline:
+        async for chunk in request.body:
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise Problem(408, f"the body did not arrive within {JSON_BODY_DEADLINE_S:g} s",
+                      headers={"Connection": "close"})
     return b"".join(chunks)
 
 
