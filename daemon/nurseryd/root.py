@@ -87,6 +87,7 @@ def _hypercorn_config(settings: Settings) -> HyperConfig:
         config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
+    config.include_server_header = False  # no version banner for scanners
     return config
 
 

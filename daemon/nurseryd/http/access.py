@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from quart import current_app, g, request
+from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
 
 from ..config import Settings
@@ -111,8 +111,13 @@ def _rules() -> RouteRules:
     return rules
 
 
+#: On every answer: no MIME sniffing of JSON into something a browser runs, and job
+#: data (params, results, rejects) kept out of shared and browser caches.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
 def install_access(app: QuartTrio, settings: Settings) -> None:
-    """Check every request before its handler runs."""
+    """Check every request before its handler runs; harden every answer."""
     access = settings.access
     metrics_token_set = settings.metrics_token is not None
 
@@ -124,3 +129,9 @@ def install_access(app: QuartTrio, settings: Settings) -> None:
                       type(verdict.refused).__name__)
             raise verdict.refused
         g.nurseryd_principal = verdict.principal
+
+    @app.after_request
+    async def _harden(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response

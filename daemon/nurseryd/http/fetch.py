@@ -18,6 +18,7 @@ from ..db import jobs as jobsdb
 from ..db.fetch_sources import source_states
 from ..kinds.fetch import fetch_config, submit_fetch
 from ..lifecycle import Status
+from ..observe.logs import redact
 from ..services import Services
 from ..supervisor import JobAlreadyFinished, JobConflict, JobNotFound
 from .access import caller_name
@@ -117,7 +118,8 @@ async def fetch_status() -> Response:
         state = states.get(source.name) or {}
         known = state.get("url") == source.url
         sources.append({
-            "name": source.name, "url": source.url, "format": source.format,
+            # Redacted like a log line: a source URL may carry a password or a token.
+            "name": source.name, "url": redact(source.url), "format": source.format,
             **{key: _iso(state.get(key)) for key in (
                 "last_outcome", "last_status", "last_job_id", "last_success_at",
                 "last_error", "last_error_at")},
