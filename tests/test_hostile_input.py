@@ -156,3 +156,56 @@ async def test_uploads_at_once_are_bounded(daemon: InProcessDaemon) -> None:
     await trio.sleep(0.3)
     accepted = await daemon.client.post("/migration/excel", files={"file": ("x.xlsx", b"PK")})
     assert accepted.status_code != 503  # a place is free again (the file itself is no xlsx)
+
+
+# -- the zip directory ------------------------------------------------------------------
+
+
+def _many_entries(path: Path, entries: int) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("xl/workbook.xml", "<workbook/>")
+        for index in range(entries):
+            archive.writestr(f"x/{index}", b"")
+    return path
+
+
+def test_the_entry_count_is_checked_before_the_directory_is_read(tmp_path: Path) -> None:
+    """A 45 MB zip of 500,000 entries cost +264 MB in the daemon: zipfile builds
+    every entry first. The count is now read from the end record, and the walk
+    over the directory keeps nothing but the few names it looks for."""
+    import tracemalloc
+
+    from nurseryd.kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
+
+    path = _many_entries(tmp_path / "many.xlsx", 60_000)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UploadRejected) as refused:
+            sniff_upload(path, max_entries=10_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status == 422 and "60,002 zip entries" in refused.value.detail
+    assert peak < 1024 * 1024, peak
+    sniff_upload(path, max_entries=100_000)  # allowed: a workbook by its names
+    tracemalloc.start()
+    try:
+        sniff_upload(path, max_entries=100_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, peak  # the walk keeps no entry
+
+
+def test_a_damaged_directory_is_a_clear_422(tmp_path: Path) -> None:
+    from nurseryd.kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
+
+    path = _many_entries(tmp_path / "cut.xlsx", 10)
+    data = path.read_bytes()
+    path.write_bytes(data[:-30])  # the end record cut off
+    with pytest.raises(UploadRejected) as refused:
+        sniff_upload(path)
+    assert refused.value.status == 422 and "cannot be read" in refused.value.detail

@@ -58,7 +58,7 @@ async def upload_excel() -> Response:
                           f"{', '.join(sorted(targets))}", field="target")
         sheet = upload.fields.get("sheet") or None
         try:
-            await trio.to_thread.run_sync(sniff_upload, part_path)
+            await trio.to_thread.run_sync(sniff_upload, part_path, settings.caps.max_entries)
         except UploadRejected as error:
             raise Problem(error.status, error.detail, field="file", received=error.received,
                           filename=upload.filename) from None
