@@ -68,3 +68,22 @@ async def test_get_fetch_shows_source_urls_without_their_secrets(database_url: s
         assert "hunter2" not in response.text and "abc123" not in response.text
         url = response.json()["sources"][0]["url"]
         assert url == "https://***@feeds.example/jobs?api_key=***&page=1"
+
+
+async def test_the_state_dir_is_private_and_a_shared_one_is_warned_about(
+        database_url: str, tmp_path: Path) -> None:
+    import stat
+
+    from tests.daemon_process import DaemonProcess
+
+    fresh = tmp_path / "fresh"
+    async with DaemonProcess.start({"NURSERYD_DATABASE_URL": database_url,
+                                    "NURSERYD_STATE_DIR": str(fresh)}) as proc:
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+        assert "accessible to other users" not in proc.log_text()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    async with DaemonProcess.start({"NURSERYD_DATABASE_URL": database_url,
+                                    "NURSERYD_STATE_DIR": str(shared)}) as proc:
+        assert "accessible to other users (mode 755)" in proc.log_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from functools import partial
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     _configure_logging(settings)
+    # Files the daemon creates (uploads, the embedded database, logs it may write)
+    # are its own: nobody else on the machine reads customer data from them.
+    os.umask(0o077)
     from .root import serve
 
     try:
