@@ -25,6 +25,7 @@ from .errors import install_error_handlers
 from .jobs import blueprint as jobs_blueprint
 from .metrics import blueprint as metrics_blueprint
 from .metrics import install_request_metrics
+from .openapi import blueprint as openapi_blueprint
 
 
 class HasBlueprints(Protocol):
@@ -35,7 +36,7 @@ class HasBlueprints(Protocol):
 
 
 def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTrio:
-    app = QuartTrio("nurseryd")
+    app = QuartTrio("nurseryd", static_folder=None)  # no /static route: nothing to serve
     # No global cap: Quart's would refuse uploads by their Content-Length before
     # any handler runs. Bodies are capped where they are read (jobs.read_body for
     # JSON, uploads.py for files), and what a request may buffer unread is capped
@@ -45,6 +46,7 @@ def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTr
     app.extensions[EXTENSION_KEY] = services
     app.register_blueprint(jobs_blueprint)
     app.register_blueprint(metrics_blueprint)
+    app.register_blueprint(openapi_blueprint)
     for feature in features:
         for blueprint in feature.blueprints:
             app.register_blueprint(blueprint)
