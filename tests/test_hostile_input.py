@@ -209,3 +209,36 @@ def test_a_damaged_directory_is_a_clear_422(tmp_path: Path) -> None:
     with pytest.raises(UploadRejected) as refused:
         sniff_upload(path)
     assert refused.value.status == 422 and "cannot be read" in refused.value.detail
+
+
+async def test_a_connection_whose_body_was_not_read_is_closed_not_wedged(
+        database_url: str, state_dir: Path) -> None:
+    """Answered before its body arrived (a refusal, a cancel), a keep-alive
+    connection used to hang its next request forever: hypercorn had stopped
+    reading it. Such answers now close the connection."""
+    import dataclasses
+
+    from nurseryd.credentials import parse_access
+
+    settings = make_settings(database_url, state_dir)
+    settings = dataclasses.replace(settings, access=parse_access(
+        None, {"NURSERYD_API_TOKEN": "keepalive-token-0123456789"}, bind_host="127.0.0.1"))
+    async with run_daemon(settings) as daemon:
+        stream = await connect(daemon)
+        body = b" " * 300_000
+        await stream.send_all(head("/fetch", "application/json", len(body)))
+        async with trio.open_nursery() as nursery:
+            async def send() -> None:
+                try:
+                    await stream.send_all(body)
+                    await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                except trio.BrokenResourceError:
+                    pass
+
+            nursery.start_soon(send)
+            first = await answer(stream)
+        assert first.startswith(b"HTTP/1.1 401"), first
+        assert b"connection: close" in first.lower()
+        await stream.aclose()
+        ok = await daemon.client.get("/healthz")
+        assert ok.status_code == 200

@@ -134,4 +134,20 @@ def install_access(app: QuartTrio, settings: Settings) -> None:
     async def _harden(response: Response) -> Response:
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
+        if body_left_unread():
+            response.headers["Connection"] = "close"
         return response
+
+
+def body_left_unread() -> bool:
+    """Did the answer go out before the request's body had arrived?
+
+    Then the connection must close: hypercorn stops reading a connection whose
+    app no longer takes its body, so the next request on it (a client's
+    keep-alive reuse) would wait forever (measured: a 300 KB body refused with
+    401, then the same connection's next GET hung). Refusals, 405s and handlers
+    that take no body (cancel) all answer before reading."""
+    if not (request.content_length or "transfer-encoding" in request.headers):
+        return False
+    complete = getattr(request.body, "_complete", None)
+    return complete is None or not complete.is_set()
