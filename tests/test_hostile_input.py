@@ -242,3 +242,37 @@ async def test_a_connection_whose_body_was_not_read_is_closed_not_wedged(
         await stream.aclose()
         ok = await daemon.client.get("/healthz")
         assert ok.status_code == 200
+
+
+# -- amplification ------------------------------------------------------------------------
+
+
+async def test_stored_rejects_are_capped_and_the_rest_counted(
+        database_url: str, state_dir: Path, tmp_path: Path) -> None:
+    """A small upload could store millions of rejects with their raw values; now at
+    most migration.max_stored_rejects per job are kept, the rest only counted."""
+    import dataclasses
+
+    from tests import xlsx_factory as xf
+
+    settings = make_settings(database_url, state_dir)
+    migration = dataclasses.replace(settings.section("migration"), max_stored_rejects=3,
+                                    batch_rows=4)
+    settings = dataclasses.replace(settings, sections={**settings.sections,
+                                                       "migration": migration})
+    rows = [list(xf.chat_row(i)) for i in range(1, 21)]
+    for row in rows[::2]:
+        row[9] = "many"  # message_count: 10 rejects
+    path = xf.write_openpyxl(tmp_path / "bad.xlsx", rows)
+    async with run_daemon(settings) as daemon:
+        response = await daemon.client.post(
+            "/migration/excel", files={"file": ("bad.xlsx", path.read_bytes())})
+        assert response.status_code == 202, response.text
+        job = await daemon.wait_for_status(response.json()["id"], "completed", "failed",
+                                           timeout=30)
+        assert (job["status"], job["processed"], job["failed"]) == ("completed", 10, 10)
+        page = (await daemon.client.get(f"/jobs/{job['id']}/rejects")).json()
+        assert len(page["rejects"]) == 3 and page["not_stored"] == 7
+        stored = await daemon.services.db.fetchval(
+            "SELECT count(*) FROM migration_rejects WHERE job_id = $1", job["id"])
+        assert stored == 3

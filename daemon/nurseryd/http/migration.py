@@ -114,6 +114,8 @@ async def list_rejects(job_id: str) -> Response:
     next_url = None
     if len(rejects) == limit:
         next_url = f"/jobs/{job['id']}/rejects?after={rejects[-1]['row']}&limit={limit}"
+    cap = migration_settings(get_services().settings).max_stored_rejects
     return json_response({"job_id": job["id"], "status": job["status"], "failed": job["failed"],
+                          "not_stored": max((job["failed"] or 0) - cap, 0),
                           "rejects": rejects, "next": next_url,
                           **({} if show_values else {"values_hidden": True})})
