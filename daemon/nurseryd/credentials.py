@@ -39,6 +39,7 @@ the environment it is handed.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -198,6 +199,7 @@ def _string_list(key: str, raw: Any) -> list[str]:
     return raw
 
 
+@functools.lru_cache(maxsize=512)  # pure, and every request asks it of the same few Hosts
 def normalize_host(value: str) -> str | None:
     """The host name of a ``Host`` header or allow-list entry: lower case, without
     port, brackets or trailing dot; ``None`` if it is not one."""
@@ -221,6 +223,7 @@ def normalize_host(value: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=512)
 def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -240,6 +243,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=512)
 def normalize_origin(value: str) -> str | None:
     """``scheme://host[:port]`` in lower case, default ports dropped; ``None`` if the
     value is not such an origin (``null``, a path, userinfo)."""
