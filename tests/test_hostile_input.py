@@ -276,3 +276,22 @@ async def test_stored_rejects_are_capped_and_the_rest_counted(
         stored = await daemon.services.db.fetchval(
             "SELECT count(*) FROM migration_rejects WHERE job_id = $1", job["id"])
         assert stored == 3
+
+
+async def test_a_page_of_jobs_is_bounded_in_bytes(daemon: InProcessDaemon,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /jobs?limit=500 with large params answered 31 MB; a page now stops at
+    MAX_PAGE_BYTES and its next link continues after the last job sent."""
+    monkeypatch.setattr(jobs_http, "MAX_PAGE_BYTES", 40_000)
+    for _ in range(12):
+        response = await daemon.client.post("/jobs/noop", json={"blob": "x" * 10_000})
+        assert response.status_code == 202
+    first = (await daemon.client.get("/jobs?limit=500")).json()
+    assert 1 <= len(first["jobs"]) < 12 and first["next"] is not None
+    seen = [job["id"] for job in first["jobs"]]
+    url = first["next"]
+    while url:
+        page = (await daemon.client.get(url)).json()
+        seen += [job["id"] for job in page["jobs"]]
+        url = page["next"]
+    assert sorted(seen, reverse=True) == seen and len(set(seen)) == 12
