@@ -25,7 +25,7 @@ Example::
     [[access.tokens]]
     name = "grafana"
     role = "read"
-    sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+    sha256 = "<64 hex digits: printf %s "$TOKEN" | sha256sum>"
 
 ``NURSERYD_API_TOKEN`` (an admin token named ``api``) and ``NURSERYD_READ_TOKEN``
 (a read token named ``read``) add a token without a file.

@@ -23,6 +23,7 @@ import asyncpg
 from ..errors import LostClaim
 from ..lifecycle import (
     ACTIVE,
+    TERMINAL,
     Event,
     Status,
     next_status,
@@ -355,3 +356,15 @@ async def counts_by_kind_and_status(
         "SELECT kind, status, count(*) AS jobs FROM jobs WHERE status = ANY($1::text[])"
         " GROUP BY kind, status", _values(statuses))
     return {(row["kind"], row["status"]): row["jobs"] for row in rows}
+
+
+async def delete_finished_before(db: Database, older_than_s: float, limit: int) -> int:
+    """Delete up to ``limit`` terminal jobs that finished more than ``older_than_s``
+    ago (oldest first; their rejects go with them, ``ON DELETE CASCADE``); returns
+    how many. Bounded, so one sweep never holds a long lock or a huge transaction."""
+    status = await db.execute(
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status = ANY($1::text[])"
+        " AND finished_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)",
+        _values(TERMINAL), older_than_s, limit)
+    return int(status.split()[-1]) if status else 0
+
