@@ -77,7 +77,8 @@ def test_every_answer_conforms_and_none_is_a_5xx(
         try:
             wait_ready(base_url)
             headers = [f"Authorization: Bearer {TOKEN}"] if with_token else []
-            result = subprocess.run(st_command(schema, base_url, *headers),
+            # cwd: schemathesis keeps a cache directory where it runs, not in the repo.
+            result = subprocess.run(st_command(schema, base_url, *headers), cwd=tmp_path,
                                     capture_output=True, text=True, timeout=600)
         finally:
             daemon.terminate()
