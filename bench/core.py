@@ -1,5 +1,7 @@
 """Core benchmarks: durable no-op jobs/s, trigger→running and cancel latency,
-and HTTP trigger throughput beside a bare quart-trio ceiling.
+and HTTP trigger throughput beside a bare quart-trio ceiling, and with an API
+token configured beside the same daemon without one (the access check's cost:
+a SHA-256 and a constant-time compare per request).
 
 Run: ``.venv/bin/python bench/core.py`` (or ``make bench``). Starts its own
 PostgreSQL (the embedded pgserver build) in a temporary directory. Every figure
@@ -185,6 +187,8 @@ BARE_APP = textwrap.dedent('''
 
 WRK_POST = 'wrk.method = "POST"\nwrk.body = \'{"seconds": 0}\'\n' \
            'wrk.headers["Content-Type"] = "application/json"\n'
+#: A generated token for the run (never a real secret): what the token daemon wants.
+BENCH_TOKEN = "bench-" + os.urandom(16).hex()
 
 
 def wrk(url: str, seconds: int, connections: int, script: Path) -> dict[str, float]:
@@ -224,33 +228,58 @@ def _wait_http(url: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def bench_http(server: PgServer, seconds: int, connections: int, workdir: Path) -> None:
+def _daemon(server: PgServer, workdir: Path, name: str, port: int,
+            **env: str) -> subprocess.Popen[bytes]:
+    server.create_database(name)
+    return subprocess.Popen([sys.executable, "-m", "nurseryd.cli", "serve"], env={
+        **os.environ, "NURSERYD_DATABASE_URL": server.url(name),
+        "NURSERYD_STATE_DIR": str(workdir / name), "NURSERYD_BIND": f"127.0.0.1:{port}",
+        "NURSERYD_LOG_LEVEL": "WARNING", "NURSERYD_DIAGNOSTICS": "1", **env})
+
+
+def bench_http(server: PgServer, seconds: int, connections: int, workdir: Path,
+               rounds: int = 2) -> None:
     if shutil.which("wrk") is None:
         print("| HTTP POST /jobs/sleep | skipped: wrk not installed (apt-get install wrk) | | |")
         return
     script = workdir / "post.lua"
     script.write_text(WRK_POST)
-    server.create_database("bench_http")
-    env = {**os.environ, "NURSERYD_DATABASE_URL": server.url("bench_http"),
-           "NURSERYD_STATE_DIR": str(workdir / "state"), "NURSERYD_BIND": "127.0.0.1:18181",
-           "NURSERYD_LOG_LEVEL": "WARNING", "NURSERYD_DIAGNOSTICS": "1"}
-    daemon = subprocess.Popen([sys.executable, "-m", "nurseryd.cli", "serve"], env=env)
+    token_script = workdir / "post-token.lua"
+    token_script.write_text(WRK_POST + f'wrk.headers["Authorization"] = "Bearer {BENCH_TOKEN}"\n')
+    daemon = _daemon(server, workdir, "bench_http", 18181)
+    with_token = _daemon(server, workdir, "bench_http_token", 18183,
+                         NURSERYD_API_TOKEN=BENCH_TOKEN)
     bare_file = workdir / "bare.py"
     bare_file.write_text(BARE_APP)
     bare = subprocess.Popen([sys.executable, str(bare_file), "127.0.0.1:18182"])
     try:
         _wait_http("http://127.0.0.1:18181/readyz")
+        _wait_http("http://127.0.0.1:18183/readyz")
         time.sleep(1.0)  # the bare app has no readiness endpoint; it starts in < 1 s
         ceiling = wrk("http://127.0.0.1:18182/jobs/sleep", seconds, connections, script)
-        ours = wrk("http://127.0.0.1:18181/jobs/sleep", seconds, connections, script)
+        # Interleaved, so that the shared machine's noise falls on both alike.
+        plain, tokened = [], []
+        for _ in range(rounds):
+            plain.append(wrk("http://127.0.0.1:18181/jobs/sleep", seconds, connections, script))
+            tokened.append(wrk("http://127.0.0.1:18183/jobs/sleep", seconds, connections,
+                               token_script))
     finally:
-        for process in (daemon, bare):
+        for process in (daemon, with_token, bare):
             process.terminate()
             process.wait(30)
+    ours = max(plain, key=lambda result: result["rps"])
+    token_best = max(tokened, key=lambda result: result["rps"])
+    if token_best.get("non2xx") and token_best["non2xx"] > 0.5 * token_best["rps"] * seconds:
+        raise RuntimeError("the token daemon refused the requests: check the bench token")
     row(f"HTTP POST /jobs/sleep, {connections} connections (req/s)", f"{ours['rps']:,.0f}",
         f"bare quart-trio {ceiling['rps']:,.0f}", f"{ours['rps'] / ceiling['rps']:.2f}×")
     row("HTTP p50 / p99 latency (ms)", f"{ours['50%']:.1f} / {ours['99%']:.1f}",
         f"{ceiling['50%']:.1f} / {ceiling['99%']:.1f}", "")
+    row(f"HTTP POST /jobs/sleep with an API token (req/s, best of {rounds})",
+        f"{token_best['rps']:,.0f}", f"no token, same run {ours['rps']:,.0f}",
+        f"{token_best['rps'] / ours['rps']:.2f}×")
+    print(f"  every round (req/s): no token {[round(r['rps']) for r in plain]}, "
+          f"token {[round(r['rps']) for r in tokened]}")
     if ours.get("non2xx"):
         print(f"  note: {ours['non2xx']:.0f} non-2xx answers (503 = queue full)")
 
@@ -283,6 +312,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--http-seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--http-rounds", type=int, default=2,
+                        help="interleaved wrk runs per daemon (with and without a token)")
+    parser.add_argument("--http-only", action="store_true",
+                        help="only the HTTP figures (skip the in-process benchmarks)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nurseryd-bench-") as tmp:
         server = start_test_server(Path(tmp))
@@ -291,8 +324,10 @@ def main() -> None:
                   f"{os.cpu_count()} cores")
             print("| measurement | nurseryd | baseline (same run) | ratio |")
             print("|---|---|---|---|")
-            trio.run(main_async, args, server)
-            bench_http(server, args.http_seconds, args.connections, Path(tmp))
+            if not args.http_only:
+                trio.run(main_async, args, server)
+            bench_http(server, args.http_seconds, args.connections, Path(tmp),
+                       rounds=args.http_rounds)
         finally:
             server.stop()
     print(json.dumps({"args": vars(args)}))

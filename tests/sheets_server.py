@@ -88,7 +88,7 @@ class SheetsServer:
         return code, {"error": {"code": code, "message": message, "status": status}}, []
 
     def _authorized(self, query: dict[str, list[str]], headers: dict[str, str]) -> bool:
-        if self.api_key is not None and query.get("key") == [self.api_key]:
+        if self.api_key is not None and headers.get("x-goog-api-key") == self.api_key:
             return True
         bearer = headers.get("authorization", "")
         return bearer.startswith("Bearer ") and bearer[7:] in self.tokens

@@ -31,7 +31,7 @@ def _examples() -> list[tuple[str, str]]:
 def test_example_is_valid(where: str, text: str, tmp_path: Path,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in set(re.findall(r'"env:([A-Z_][A-Z0-9_]*)"', text)):
-        monkeypatch.setenv(variable, "example-secret")
+        monkeypatch.setenv(variable, "example-secret-of-some-length")
     config = tmp_path / "example.toml"
     config.write_text(text)
     load_settings(config, environ={}, features=FEATURES)

@@ -28,7 +28,7 @@ async def test_the_job_outlives_its_request_and_client(daemon: InProcessDaemon) 
     stream = await trio.open_tcp_stream(host, int(port))
     body = json.dumps({"seconds": 0.3}).encode()
     await stream.send_all(
-        b"POST /jobs/sleep HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /jobs/sleep HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
     head = await stream.receive_some(4096)

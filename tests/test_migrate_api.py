@@ -250,7 +250,7 @@ async def test_client_gone_mid_upload_leaves_no_file(daemon: InProcessDaemon) ->
             f"filename=\"x.xlsx\"\r\n\r\n").encode() + b"PK\x03\x04" + b"x" * 200_000
     stream = await trio.open_tcp_stream(host, int(port))
     await stream.send_all(
-        b"POST /migration/excel HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        b"POST /migration/excel HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
         b"boundary=gone\r\nContent-Length: 1000000\r\n\r\n" + head)
 
     async def receiving() -> bool:

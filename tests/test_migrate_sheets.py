@@ -347,6 +347,7 @@ async def test_http_google_sheets_import(database_url: str, state_dir: Path) -> 
             api_base = "{server.base_url}"
             api_key = "test-key"
             window_rows = 8
+            spreadsheets = {{ chats = "{SHEET_ID}" }}
         """)
         async with run_daemon(settings) as daemon:
             post = daemon.client.post
@@ -387,6 +388,7 @@ async def test_http_handler_and_kind_agree_on_the_range(database_url: str,
             [google_sheets]
             api_base = "{server.base_url}"
             api_key = "test-key"
+            spreadsheets = {{ chats = "{SHEET_ID}" }}
         """)
         async with run_daemon(settings) as daemon:
             for sheet_range in refused:

@@ -5,6 +5,7 @@ talks to a running daemon over HTTP and needs no configuration file."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from functools import partial
@@ -53,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration OK: bind {settings.bind}, state_dir {settings.state_dir}, "
               f"database {'embedded' if not settings.database_url else 'external'}, "
               f"shutdown_grace {settings.shutdown_grace:g}s, queue_size {settings.queue_size}")
+        access = settings.access
+        tokens = ", ".join(f"{token.name} ({token.role.value})" for token in access.tokens)
+        print("  access: " + (f"tokens {tokens}" if tokens else
+                              "protected mode (no token: loopback callers only)")
+              + f"; allowed hosts: {', '.join(sorted(access.allowed_hosts)) or 'loopback'}")
         print(f"  logs: {settings.log_level} as {settings.log_format}, access log "
               f"{'on' if settings.access_log else 'off'}; /metrics "
               f"{'needs the bearer token' if settings.metrics_token else 'open'}")
@@ -62,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     _configure_logging(settings)
+    # Files the daemon creates (uploads, the embedded database, logs it may write)
+    # are its own: nobody else on the machine reads customer data from them.
+    os.umask(0o077)
     from .root import serve
 
     try:

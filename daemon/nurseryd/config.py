@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar, overload
 
+from .credentials import AccessSettings, parse_access
 from .errors import ConfigError
 
 
@@ -105,6 +106,8 @@ class Settings:
     access_log: bool = False
     #: When set, ``GET /metrics`` requires ``Authorization: Bearer <token>``.
     metrics_token: str | None = field(default=None, repr=False)
+    #: API tokens and the Host/Origin allow-lists (``[access]``, see credentials.py).
+    access: AccessSettings = field(default_factory=AccessSettings)
     kinds: Mapping[str, KindLimits] = field(default_factory=lambda: dict(BUILTIN_KIND_LIMITS))
     #: The diagnostic job kinds (``sleep``, ``sql_sleep``, ``noop``) are served:
     #: off by default, since anyone allowed to submit could tie up slots with them.
@@ -210,6 +213,7 @@ _ENV_KEYS = {
 _TOP_LEVEL_KEYS = {"bind", "state_dir", "database_url", "shutdown_grace", "queue_size",
                    "log_level", "log_format", "access_log", "metrics_token", "kinds",
                    "diagnostics"}
+_TOP_LEVEL_KEYS.add("access")  # [access]: parsed by credentials.parse_access
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _LOG_FORMATS = ("text", "json")
 _ENV_REFERENCE = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
@@ -386,6 +390,7 @@ def load_settings(
         log_format=log_format.strip().lower(),
         access_log=access_log,
         metrics_token=metrics_token,
+        access=parse_access(raw.get("access"), environ, bind_host=host),
         kinds=_parse_kind_limits(core.get("kinds")),
         diagnostics=_parse_diagnostics(core.get("diagnostics")),
         sections=sections,

@@ -113,6 +113,41 @@ class DatabaseUnavailable(SupervisorError):
         self.what = what
 
 
+# -- access: who may call, from where, with what body ------------------------------------
+
+
+class AccessRefused(NurserydError):
+    """A request refused before any handler ran (``http/access.py``).
+
+    ``str()`` says what to send instead; it never names a configured token, source
+    or kind, because the caller may not have proven who it is yet.
+    """
+
+
+class NotAuthenticated(AccessRefused):
+    """No token, or one that matches none configured (401 with ``WWW-Authenticate``)."""
+
+    def __init__(self, message: str, *, wrong_token: bool = False) -> None:
+        super().__init__(message)
+        self.wrong_token = wrong_token
+
+
+class NotPermitted(AccessRefused):
+    """The caller is known but its role does not allow this (403)."""
+
+
+class CrossSiteRefused(AccessRefused):
+    """A browser request from another site (``Origin``, ``Sec-Fetch-Site``): 403."""
+
+
+class HostNotAllowed(AccessRefused):
+    """The ``Host`` header names a host this daemon does not answer for (421)."""
+
+
+class BodyTypeRefused(AccessRefused):
+    """A body whose ``Content-Type`` the endpoint does not take (415)."""
+
+
 def describe_failure(error: BaseException) -> str:
     """The text a job's ``error`` shows for what its kind raised.
 

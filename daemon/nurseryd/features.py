@@ -32,6 +32,7 @@ from .kinds.migrate.targets import MIGRATION_SECTION, TARGETS_SECTION
 from .kinds.sleep import NOOP_KIND, SLEEP_KIND, SQL_SLEEP_KIND
 from .observe.hub import MetricsHook
 from .services import Services
+from .supervisor.retention import RETENTION_SECTION, sweep_periodically
 
 #: A start-up check or background task: it gets the shared objects.
 Hook = Callable[[Services], Awaitable[None]]
@@ -84,8 +85,14 @@ FETCH = Feature(
     metrics=(fetch_freshness,),
 )
 
+RETENTION = Feature(
+    name="retention",
+    config_sections=(RETENTION_SECTION,),
+    background=(sweep_periodically,),
+)
+
 #: Everything the standard daemon does.
-FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH)
+FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH, RETENTION)
 
 
 def enabled_features(features: Iterable[Feature], settings: Settings) -> list[Feature]:

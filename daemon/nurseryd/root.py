@@ -27,10 +27,12 @@ import logging
 import os
 import signal
 import socket
+import stat
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import trio
 import trio_asyncio
@@ -74,6 +76,17 @@ async def open_postgres_dsn(settings: Settings) -> AsyncIterator[str]:
         yield server.dsn
 
 
+def warn_if_shared(state_dir: Path) -> bool:
+    """Warn when other local users can read the state directory: it holds the
+    uploaded workbooks and the embedded database (customer data)."""
+    mode = state_dir.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("state_dir %s is accessible to other users (mode %o): it holds uploads "
+                    "and the database; chmod 700 it", state_dir, stat.S_IMODE(mode))
+        return True
+    return False
+
+
 def _hypercorn_config(settings: Settings) -> HyperConfig:
     config = HyperConfig()
     config.bind = [settings.bind]
@@ -87,6 +100,7 @@ def _hypercorn_config(settings: Settings) -> HyperConfig:
         config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
+    config.include_server_header = False  # no version banner for scanners
     return config
 
 
@@ -108,7 +122,8 @@ async def serve(
     features = enabled_features(features, settings)
     notifier = notifier or Notifier()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    warn_if_shared(settings.state_dir)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with (
             trio_asyncio.open_loop(),

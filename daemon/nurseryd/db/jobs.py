@@ -24,6 +24,7 @@ import asyncpg
 from ..errors import LostClaim
 from ..lifecycle import (
     ACTIVE,
+    TERMINAL,
     Event,
     Status,
     next_status,
@@ -70,11 +71,11 @@ async def hold_owner_lock(conn: asyncpg.Connection, owner: str) -> None:
 _INSERT = f"""
 WITH input AS (
     SELECT nextval(pg_get_serial_sequence('jobs', 'id')) AS id, t.*
-    FROM unnest($1::text[], $2::jsonb[], $3::float8[], $4::text[]) WITH ORDINALITY
-         AS t(kind, params, timeout_s, owner, ord)
+    FROM unnest($1::text[], $2::jsonb[], $3::float8[], $4::text[], $5::text[]) WITH ORDINALITY
+         AS t(kind, params, timeout_s, owner, submitted_by, ord)
 ), inserted AS (
-    INSERT INTO jobs (id, kind, params, timeout_s, owner)
-    SELECT id, kind, params, timeout_s, owner FROM input ORDER BY ord
+    INSERT INTO jobs (id, kind, params, timeout_s, owner, submitted_by)
+    SELECT id, kind, params, timeout_s, owner, submitted_by FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING {_RETURNING}
 )
@@ -116,6 +117,7 @@ def _transition_guard(event: Event) -> tuple[str, str]:
 _CANCEL_QUEUED = f"""
 UPDATE jobs SET status = $3, finished_at = now(),
     cancel_requested_at = coalesce(cancel_requested_at, now()),
+    cancelled_by = coalesce(cancelled_by, $5),
     error = 'cancelled before it started'
 WHERE id = $1 AND status = $4
   AND (owner IS NULL OR owner = $2 OR pg_try_advisory_xact_lock({owner_lock_sql('owner')}))
@@ -158,6 +160,7 @@ class PostgresJobStore:
                 _INSERT,
                 [job.kind for job in jobs], [job.params for job in jobs],
                 [job.timeout_s for job in jobs], [job.owner for job in jobs],
+                [job.submitted_by for job in jobs],
             )
 
         rows = await self.db.run(_insert, transaction=False)
@@ -236,20 +239,21 @@ class PostgresJobStore:
             kind, list(statuses) if statuses else None, before_id, limit,
         )
 
-    async def cancel_queued(self, job_id: int, owner: str) -> Row | None:
+    async def cancel_queued(self, job_id: int, owner: str, by: str | None = None) -> Row | None:
         """A live daemon's queued job is left to that daemon (``request_cancel``),
         which would otherwise still start it."""
         row = await self.db.fetchrow(
             _CANCEL_QUEUED, job_id, owner, next_status(Status.QUEUED, Event.CANCEL).value,
-            Status.QUEUED.value)
+            Status.QUEUED.value, by)
         if row is not None:
             self.feed.publish([JobChanged(Event.CANCEL, row)])
         return row
 
-    async def request_cancel(self, job_id: int) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
         await self.db.execute(
-            "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now())"
-            " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE))
+            "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+            " cancelled_by = coalesce(cancelled_by, $3)"
+            " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE), by)
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         rows = await self.db.fetch(
@@ -358,3 +362,15 @@ async def counts_by_kind_and_status(
         "SELECT kind, status, count(*) AS jobs FROM jobs WHERE status = ANY($1::text[])"
         " GROUP BY kind, status", _values(statuses))
     return {(row["kind"], row["status"]): row["jobs"] for row in rows}
+
+
+async def delete_finished_before(db: Database, older_than_s: float, limit: int) -> int:
+    """Delete up to ``limit`` terminal jobs that finished more than ``older_than_s``
+    ago (oldest first; their rejects go with them, ``ON DELETE CASCADE``); returns
+    how many. Bounded, so one sweep never holds a long lock or a huge transaction."""
+    status = await db.execute(
+        "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE status = ANY($1::text[])"
+        " AND finished_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)",
+        _values(TERMINAL), older_than_s, limit)
+    return int(status.split()[-1]) if status else 0
+

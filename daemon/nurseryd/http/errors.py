@@ -14,6 +14,8 @@ was not raised on purpose.
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +25,16 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..errors import (
+    BodyTypeRefused,
+    CrossSiteRefused,
     DatabaseUnavailable,
     Draining,
+    HostNotAllowed,
     JobAlreadyFinished,
     JobConflict,
     JobNotFound,
+    NotAuthenticated,
+    NotPermitted,
     NurserydError,
     ParamError,
     QueueFull,
@@ -60,6 +67,13 @@ def _invalid_param(error: ParamError) -> Answer:
                           "invalid_params": [{"name": error.field, "reason": error.message}]})
 
 
+def _not_authenticated(error: NotAuthenticated) -> Answer:
+    # RFC 6750 section 3: a wrong token says so; a missing one only names the scheme.
+    challenge = 'Bearer realm="nurseryd"' + (', error="invalid_token"'
+                                             if error.wrong_token else "")
+    return Answer(str(error), title="Unauthorized", headers={"WWW-Authenticate": challenge})
+
+
 #: error class -> (HTTP status, what the problem body says about it).
 ERROR_TABLE: dict[type[Exception], tuple[int, Callable[[Any], Answer]]] = {
     ParamError: (422, _invalid_param),
@@ -71,6 +85,11 @@ ERROR_TABLE: dict[type[Exception], tuple[int, Callable[[Any], Answer]]] = {
     Draining: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
     QueueFull: (503, lambda error: Answer(str(error), headers={"Retry-After": "1"})),
     DatabaseUnavailable: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
+    NotAuthenticated: (401, _not_authenticated),
+    NotPermitted: (403, _said),
+    CrossSiteRefused: (403, lambda error: Answer(str(error), title="Cross-site request refused")),
+    HostNotAllowed: (421, _said),
+    BodyTypeRefused: (415, _said),
 }
 
 
@@ -120,6 +139,37 @@ def install_error_handlers(app: QuartTrio) -> None:
         return _internal_error(error)
 
 
+class TracebackBudget:
+    """At most ``limit`` tracebacks per ``window_s``: a request that fails the same
+    way 10,000 times must not write 10,000 tracebacks (one 10-byte request wrote
+    4 KB). Past the budget each failure is one line with its reference."""
+
+    def __init__(self, limit: int = 10, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._spent: list[float] = []
+
+    def take(self) -> bool:
+        now = self.clock()
+        self._spent = [at for at in self._spent if now - at < self.window_s]
+        if len(self._spent) >= self.limit:
+            return False
+        self._spent.append(now)
+        return True
+
+
+_tracebacks = TracebackBudget()
+
+
 def _internal_error(error: Exception) -> Response:
-    log.exception("unhandled error in a request", exc_info=error)
-    return Problem(500, f"internal error: {type(error).__name__}: {error}").to_response()
+    """A generic 500 with a reference: exception text (database DETAIL, codec errors)
+    can hold row values and internals, so it goes to the log, never to the caller."""
+    reference = uuid.uuid4().hex[:12]
+    if _tracebacks.take():
+        log.error("unhandled error in a request (reference %s)", reference, exc_info=error)
+    else:
+        log.error("unhandled error in a request (reference %s): %s; traceback left out "
+                  "(more than %d in %g s)", reference, type(error).__name__,
+                  _tracebacks.limit, _tracebacks.window_s)
+    return Problem(500, f"internal error (reference {reference}); the daemon's log has the "
+                   "details", error_id=reference).to_response()

@@ -18,8 +18,10 @@ from ..db import jobs as jobsdb
 from ..db.fetch_sources import source_states
 from ..kinds.fetch import fetch_config, submit_fetch
 from ..lifecycle import Status
+from ..observe.logs import redact
 from ..services import Services
 from ..supervisor import JobAlreadyFinished, JobConflict, JobNotFound
+from .access import caller_name
 from .context import get_services
 from .jobs import accepted, json_response, read_json_object
 from .problems import Problem
@@ -75,11 +77,11 @@ async def start_fetch() -> Response:
         active_id = await jobsdb.active_job_id(services.db, "fetch")
         if active_id is not None:
             try:
-                await services.supervisor.cancel(active_id)
+                await services.supervisor.cancel(active_id, cancelled_by=caller_name())
             except (JobNotFound, JobAlreadyFinished):
                 pass  # it ended by itself meanwhile: nothing to replace
     try:
-        job = await submit_fetch(services, "api")
+        job = await submit_fetch(services, "api", submitted_by=caller_name())
     except JobConflict:
         raise await _conflict(services, replacing=replace) from None
     return accepted(job)
@@ -92,7 +94,7 @@ async def cancel_fetch() -> Response:
     if active_id is None:
         raise Problem(404, "no fetch is queued or running; start one with POST /fetch",
                       title="No active fetch")
-    job = await services.supervisor.cancel(active_id)
+    job = await services.supervisor.cancel(active_id, cancelled_by=caller_name())
     status = 200 if Status(job["status"]).is_terminal else 202
     return json_response(job, status, {"Location": f"/jobs/{job['id']}"})
 
@@ -116,7 +118,8 @@ async def fetch_status() -> Response:
         state = states.get(source.name) or {}
         known = state.get("url") == source.url
         sources.append({
-            "name": source.name, "url": source.url, "format": source.format,
+            # Redacted like a log line: a source URL may carry a password or a token.
+            "name": source.name, "url": redact(source.url), "format": source.format,
             **{key: _iso(state.get(key)) for key in (
                 "last_outcome", "last_status", "last_job_id", "last_success_at",
                 "last_error", "last_error_at")},

@@ -6,10 +6,13 @@ import json
 import math
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, request
 
 from ..lifecycle import Status
 from ..supervisor import JobNotFound
+from .access import caller_name, route_rules
+from .access_policy import RouteAccess
 from .context import get_services
 from .problems import Problem
 from .query import int_arg
@@ -18,9 +21,15 @@ blueprint = Blueprint("jobs", __name__)
 
 #: JSON bodies are small; uploads stream on their own path with their own cap.
 MAX_JSON_BODY = 1024 * 1024
+#: The whole of a JSON body must arrive within this (a body sent at 1 byte per
+#: 40 s would otherwise hold its request, and its memory, for as long as it likes).
+JSON_BODY_DEADLINE_S = 30.0
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+#: A page of jobs stops growing past this many bytes of JSON (at least one job is
+#: always sent): 500 jobs with large params made one answer of 31 MB.
+MAX_PAGE_BYTES = 4 * 1024 * 1024
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -39,6 +48,7 @@ async def read_body(limit: int = MAX_JSON_BODY) -> bytes:
     The app sets no global body cap (uploads stream with their own), so every
     handler that buffers a body goes through here: the cap holds for chunked
     bodies without Content-Length too, and nothing beyond it is kept in memory.
+    The whole body must arrive within :data:`JSON_BODY_DEADLINE_S` (408 otherwise).
     """
     too_large = Problem(413, f"the body is larger than {limit} bytes; send a small JSON "
                         "object (files go to their upload endpoints)")
@@ -46,11 +56,15 @@ async def read_body(limit: int = MAX_JSON_BODY) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.body:
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    with trio.move_on_after(JSON_BODY_DEADLINE_S) as deadline:
+        async for chunk in request.body:
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    if deadline.cancelled_caught:
+        raise Problem(408, f"the body did not arrive within {JSON_BODY_DEADLINE_S:g} s",
+                      headers={"Connection": "close"})
     return b"".join(chunks)
 
 
@@ -112,7 +126,8 @@ async def trigger(kind: str) -> Response:
     timeout_s = params.pop("timeout_s", None)
     if timeout_s is None:
         timeout_s = _query_timeout()
-    job = await services.supervisor.submit(kind, params, timeout_s=timeout_s)
+    job = await services.supervisor.submit(kind, params, timeout_s=timeout_s,
+                                           submitted_by=caller_name())
     return accepted(job)
 
 
@@ -129,15 +144,27 @@ async def list_jobs() -> Response:
     before = int_arg("before", None, 1, 2**63 - 1)
     jobs = await get_services().supervisor.list_jobs(
         kind=kind, statuses=statuses or None, before_id=before, limit=limit)
-    body: dict[str, Any] = {"jobs": jobs, "next": None}
-    if len(jobs) == limit:
-        query = [f"before={jobs[-1]['id']}", f"limit={limit}"]
+    fitted = fit_page(jobs, MAX_PAGE_BYTES)
+    body: dict[str, Any] = {"jobs": fitted, "next": None}
+    if len(jobs) == limit or len(fitted) < len(jobs):  # the next page starts after the last sent
+        query = [f"before={fitted[-1]['id']}", f"limit={limit}"]
         if kind:
             query.append(f"kind={kind}")
         if statuses:
             query.append(f"status={','.join(statuses)}")
         body["next"] = "/jobs?" + "&".join(query)
     return json_response(body)
+
+
+def fit_page(jobs: list[dict[str, Any]], max_bytes: int) -> list[dict[str, Any]]:
+    """The longest prefix of ``jobs`` whose JSON stays within ``max_bytes`` (never empty
+    when ``jobs`` is not)."""
+    size = 0
+    for index, job in enumerate(jobs):
+        size += len(json.dumps(job, default=str)) + 2
+        if size > max_bytes and index > 0:
+            return jobs[:index]
+    return jobs
 
 
 @blueprint.get("/jobs/<job_id>")
@@ -151,17 +178,20 @@ async def get_job(job_id: str) -> Response:
 
 @blueprint.post("/jobs/<job_id>/cancel")
 async def cancel_job(job_id: str) -> Response:
-    job = await get_services().supervisor.cancel(parse_job_id(job_id))
+    job = await get_services().supervisor.cancel(parse_job_id(job_id),
+                                                 cancelled_by=caller_name())
     status = 200 if Status(job["status"]).is_terminal else 202
     return json_response(job, status)
 
 
 @blueprint.get("/healthz")
+@route_rules(RouteAccess.PUBLIC)
 async def healthz() -> Response:
     return json_response({"status": "alive"})
 
 
 @blueprint.get("/readyz")
+@route_rules(RouteAccess.PUBLIC)
 async def readyz() -> Response:
     services = get_services()
     if services.supervisor.draining:

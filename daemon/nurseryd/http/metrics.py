@@ -21,6 +21,8 @@ from quart import Blueprint, Response, g, request
 from quart_trio import QuartTrio
 
 from ..observe.metrics import Metrics
+from .access import route_rules
+from .access_policy import RouteAccess
 from .context import get_services
 from .problems import Problem
 
@@ -30,6 +32,7 @@ UNMATCHED = "unmatched"
 
 
 @blueprint.get("/metrics")
+@route_rules(RouteAccess.METRICS)
 async def metrics() -> Response:
     services = get_services()
     token = services.settings.metrics_token

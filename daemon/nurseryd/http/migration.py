@@ -19,6 +19,8 @@ from ..kinds.migrate.targets import configured_targets, migration_settings
 from ..kinds.migrate.uploads_dir import new_upload_paths
 from ..kinds.migrate.xlsx_checks import UploadRejected, sniff_upload
 from ..supervisor import JobNotFound
+from .access import caller_is_admin, caller_name, route_rules
+from .access_policy import MULTIPART
 from .context import get_services
 from .jobs import json_response, parse_job_id
 from .problems import Problem
@@ -38,6 +40,7 @@ def migration_job_json(job: dict[str, Any]) -> dict[str, Any]:
 
 
 @blueprint.post("/migration/excel")
+@route_rules(body_type=MULTIPART)
 async def upload_excel() -> Response:
     services = get_services()
     settings = migration_settings(services.settings)
@@ -55,7 +58,7 @@ async def upload_excel() -> Response:
                           f"{', '.join(sorted(targets))}", field="target")
         sheet = upload.fields.get("sheet") or None
         try:
-            await trio.to_thread.run_sync(sniff_upload, part_path)
+            await trio.to_thread.run_sync(sniff_upload, part_path, settings.caps.max_entries)
         except UploadRejected as error:
             raise Problem(error.status, error.detail, field="file", received=error.received,
                           filename=upload.filename) from None
@@ -63,7 +66,8 @@ async def upload_excel() -> Response:
         params = ExcelImportParams.parse({
             "upload": final_path.name, "target": target, "sheet": sheet,
             "filename": upload.filename, "bytes": upload.size})
-        job = await services.supervisor.submit("migration", params.to_json())
+        job = await services.supervisor.submit("migration", params.to_json(),
+                                               submitted_by=caller_name())
     except BaseException:
         discard(part_path, final_path)
         raise
@@ -89,7 +93,12 @@ async def get_migration_job(job_id: str) -> Response:
 
 @blueprint.get("/jobs/<job_id>/rejects")
 async def list_rejects(job_id: str) -> Response:
-    """Rejected rows by row number, keyset-paginated (``after`` = last row number seen)."""
+    """Rejected rows by row number, keyset-paginated (``after`` = last row number seen).
+
+    The raw values of a rejected row are customer data (names, e-mails, phones), so
+    only an admin caller sees them; a read token gets row, column and reason, and
+    ``values`` is ``null`` with ``values_hidden: true``.
+    """
     job = await _migration_job(job_id)
     unknown = sorted(set(request.args) - {"limit", "after"})
     if unknown:
@@ -98,10 +107,15 @@ async def list_rejects(job_id: str) -> Response:
     limit = int_arg("limit", DEFAULT_REJECTS_PAGE, 1, MAX_REJECTS_PAGE)
     after = int_arg("after", 0, 0, 2**63 - 1)
     rows = await rejectsdb.page(get_services().db, job["id"], after, limit)
+    show_values = caller_is_admin()
     rejects = [{"row": row["row_number"], "column": row["column_name"],
-                "reason": row["reason"], "values": row["raw"]} for row in rows]
+                "reason": row["reason"], "values": row["raw"] if show_values else None}
+               for row in rows]
     next_url = None
     if len(rejects) == limit:
         next_url = f"/jobs/{job['id']}/rejects?after={rejects[-1]['row']}&limit={limit}"
+    cap = migration_settings(get_services().settings).max_stored_rejects
     return json_response({"job_id": job["id"], "status": job["status"], "failed": job["failed"],
-                          "rejects": rejects, "next": next_url})
+                          "not_stored": max((job["failed"] or 0) - cap, 0),
+                          "rejects": rejects, "next": next_url,
+                          **({} if show_values else {"values_hidden": True})})

@@ -12,11 +12,13 @@ cap with a 413 and its partial file removed.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from quart import request
+from quart import current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
 
@@ -29,6 +31,18 @@ MAX_FIELD_BYTES = 4 * 1024
 MAX_PREAMBLE_BYTES = 64 * 1024
 #: A client that sends nothing for this long is dropped (slowloris).
 IDLE_TIMEOUT_S = 60.0
+#: ... and one that trickles: after the grace, the average rate must stay above this
+#: (a 200 MiB workbook at this rate still arrives in under four hours).
+MIN_RATE_BYTES_S = 16 * 1024
+MIN_RATE_GRACE_S = 30.0
+#: Uploads received at once; more get 503 with Retry-After (each holds a file and a
+#: connection, and its sniff runs in a thread).
+MAX_CONCURRENT_UPLOADS = 4
+#: Transport padding allowed after a boundary (RFC 2046: linear white space).
+MAX_PADDING_BYTES = 1024
+#: RFC 2046 section 5.1.1: 1 to 70 of these, not ending in a space.
+_BCHARS = frozenset(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'()+_,-./:=? ")
+_SLOTS_KEY = "nurseryd_uploads_in_flight"
 
 
 @dataclass
@@ -49,6 +63,7 @@ class _Multipart:
         self.buffer = bytearray(b"\r\n")
         self.state = "preamble"
         self.preamble = 0
+        self.padding = 0
 
     def feed(self, data: bytes) -> list[tuple[str, object]]:
         self.buffer += data
@@ -75,17 +90,26 @@ class _Multipart:
                 del self.buffer[:index + len(self.delimiter)]
                 self.state = "after"
             elif self.state == "after":
-                stripped = self.buffer.lstrip(b" \t")
-                if len(stripped) < 2:
+                # Padding is dropped as it arrives: keeping it and stripping the whole
+                # buffer on every feed was quadratic (16 MiB of spaces took 5.8 s).
+                padding = len(self.buffer) - len(self.buffer.lstrip(b" \t"))
+                if padding:
+                    del self.buffer[:padding]
+                    self.padding += padding
+                    if self.padding > MAX_PADDING_BYTES:
+                        raise Problem(400, "malformed multipart body (white space after a "
+                                      "boundary goes on and on)")
+                if len(self.buffer) < 2:
                     return events
-                if stripped.startswith(b"--"):
+                self.padding = 0
+                if self.buffer.startswith(b"--"):
                     self.state = "done"
                     self.buffer.clear()
                     events.append(("done", None))
                     return events
-                if not stripped.startswith(b"\r\n"):
+                if not self.buffer.startswith(b"\r\n"):
                     raise Problem(400, "malformed multipart body (no CRLF after a boundary)")
-                self.buffer = bytearray(stripped[2:])
+                del self.buffer[:2]
                 self.state = "headers"
             elif self.state == "headers":
                 index = self.buffer.find(b"\r\n\r\n")
@@ -121,6 +145,36 @@ async def receive_upload(
         raise Problem(415, f"expected a multipart/form-data upload with the workbook in field "
                       f"'{file_field}' (curl -F {file_field}=@chats.xlsx ...), got "
                       f"{mimetype or 'no Content-Type'}")
+    if not valid_boundary(boundary):
+        raise Problem(400, "the multipart boundary is not valid (RFC 2046: 1 to 70 letters, "
+                      "digits or '()+_,-./:=? characters, not ending in a space)")
+    with _upload_slot():
+        return await _receive(destination, boundary, max_bytes=max_bytes,
+                              file_field=file_field, text_fields=text_fields)
+
+
+def valid_boundary(boundary: str) -> bool:
+    raw = boundary.encode("latin-1", "replace")
+    return 1 <= len(raw) <= 70 and not raw.endswith(b" ") and set(raw) <= _BCHARS
+
+
+@contextmanager
+def _upload_slot() -> Iterator[None]:
+    """One of :data:`MAX_CONCURRENT_UPLOADS` places, or 503 at once (no queueing: a
+    waiting upload would still hold its connection)."""
+    extensions = current_app.extensions
+    if extensions.get(_SLOTS_KEY, 0) >= MAX_CONCURRENT_UPLOADS:
+        raise Problem(503, f"{MAX_CONCURRENT_UPLOADS} uploads are being received already; "
+                      "retry shortly", headers={"Retry-After": "5", "Connection": "close"})
+    extensions[_SLOTS_KEY] = extensions.get(_SLOTS_KEY, 0) + 1
+    try:
+        yield
+    finally:
+        extensions[_SLOTS_KEY] -= 1
+
+
+async def _receive(destination: Path, boundary: str, *, max_bytes: int, file_field: str,
+                   text_fields: frozenset[str]) -> ReceivedUpload:
     limit_text = f"{max_bytes:,} bytes (migration.max_upload_bytes)"
     length = request.content_length
     if length is not None and length > max_bytes + 64 * 1024:
@@ -132,6 +186,7 @@ async def receive_upload(
     field_value = bytearray()
     pending = bytearray()
     body_bytes = 0
+    started = trio.current_time()
     try:
         async with await trio.open_file(destination, "wb") as out:
             iterator = request.body.__aiter__()
@@ -151,6 +206,10 @@ async def receive_upload(
                 body_bytes += len(chunk)
                 if body_bytes > max_bytes + 64 * 1024:
                     raise _too_large(f"the upload exceeds {limit_text}")
+                elapsed = trio.current_time() - started
+                if elapsed > MIN_RATE_GRACE_S and body_bytes < MIN_RATE_BYTES_S * elapsed:
+                    raise Problem(408, f"the upload arrives slower than {MIN_RATE_BYTES_S:,} "
+                                  "bytes/s; aborted", headers={"Connection": "close"})
                 for event, value in parser.feed(chunk):
                     if event == "part":
                         current, filename = _part_kind(value, file_field, text_fields)

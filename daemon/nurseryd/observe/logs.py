@@ -113,6 +113,9 @@ def configure_logging(level: str, log_format: str = "text", *, access_log: bool 
     logging.getLogger("hypercorn.access").setLevel(logging.INFO if access_log
                                                    else logging.WARNING)
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # httpx logs every request URL at INFO; a URL may carry a key or a password.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     # Warnings become log records, so a JSON log stays one object per line.
     logging.captureWarnings(True)
     return handler

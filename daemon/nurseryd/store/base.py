@@ -49,6 +49,7 @@ class Row(Protocol):
 PUBLIC_FIELDS = (
     "id", "kind", "status", "total", "processed", "failed", "error", "params", "result",
     "attempts", "timeout_s", "created_at", "started_at", "finished_at", "cancel_requested_at",
+    "submitted_by", "cancelled_by",
 )
 
 #: Columns a change may set besides ``status`` (and their PostgreSQL types).
@@ -56,7 +57,7 @@ UPDATABLE: dict[str, str] = {
     "total": "bigint", "processed": "bigint", "failed": "bigint", "error": "text",
     "result": "jsonb", "attempts": "integer", "checkpoint": "jsonb",
     "started_at": "timestamptz", "finished_at": "timestamptz",
-    "cancel_requested_at": "timestamptz", "owner": "text",
+    "cancel_requested_at": "timestamptz", "owner": "text", "cancelled_by": "text",
 }
 
 
@@ -121,6 +122,8 @@ class NewJob:
     params: dict[str, Any]
     timeout_s: float
     owner: str
+    #: The name of the token that submitted it (``None``: the daemon itself, a schedule).
+    submitted_by: str | None = None
 
 
 def _check_columns(values: Mapping[str, Any]) -> None:
@@ -231,13 +234,15 @@ class JobStore(Protocol):
         """Newest first; keyset pagination by id (``before_id``)."""
         ...
 
-    async def cancel_queued(self, job_id: int, owner: str) -> Row | None:
+    async def cancel_queued(self, job_id: int, owner: str, by: str | None = None) -> Row | None:
         """Cancel a queued job no live process holds in memory: ours but not loaded
-        yet, unowned, or owned by a dead daemon (the ``cancel`` transition)."""
+        yet, unowned, or owned by a dead daemon (the ``cancel`` transition); ``by``
+        becomes its ``cancelled_by``."""
         ...
 
-    async def request_cancel(self, job_id: int) -> None:
-        """Record a cancel request for the daemon that holds the job."""
+    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
+        """Record a cancel request (and who asked: ``cancelled_by``, first asker wins)
+        for the daemon that holds the job."""
         ...
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:

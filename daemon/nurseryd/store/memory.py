@@ -77,7 +77,7 @@ class MemoryJobStore:
             row.update(id=self._next_id, kind=job.kind, status=Status.QUEUED.value,
                        params=copy.deepcopy(job.params), timeout_s=job.timeout_s,
                        processed=0, failed=0, attempts=0, created_at=now(),
-                       checkpoint=None, owner=job.owner)
+                       checkpoint=None, owner=job.owner, submitted_by=job.submitted_by)
             self._next_id += 1
             self.rows[row["id"]] = row
             found.append(self._copy(row))
@@ -130,7 +130,7 @@ class MemoryJobStore:
     def _owner_dead(self, owner: str | None, me: str) -> bool:
         return owner is None or (owner != me and owner not in self.live_owners)
 
-    async def cancel_queued(self, job_id: int, owner: str) -> Row | None:
+    async def cancel_queued(self, job_id: int, owner: str, by: str | None = None) -> Row | None:
         await self._round_trip("cancel_queued")
         row = self.rows.get(job_id)
         if row is None or row["status"] != Status.QUEUED.value:
@@ -140,14 +140,16 @@ class MemoryJobStore:
         row.update(status=next_status(Status.QUEUED, Event.CANCEL).value, finished_at=now(),
                    error="cancelled before it started")
         row["cancel_requested_at"] = row["cancel_requested_at"] or now()
+        row["cancelled_by"] = row["cancelled_by"] or by
         self.feed.publish([JobChanged(Event.CANCEL, self._copy(row))])
         return self._copy(row)
 
-    async def request_cancel(self, job_id: int) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
         await self._round_trip("request_cancel")
         row = self.rows.get(job_id)
         if row is not None and Status(row["status"]) in ACTIVE:
             row["cancel_requested_at"] = row["cancel_requested_at"] or now()
+            row["cancelled_by"] = row["cancelled_by"] or by
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         await self._round_trip("cancel_requests_among")

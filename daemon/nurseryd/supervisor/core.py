@@ -280,9 +280,12 @@ class Supervisor:
     # -- intake ---------------------------------------------------------------------------
 
     async def submit(
-        self, kind_name: str, params: Mapping[str, Any], *, timeout_s: float | None = None
+        self, kind_name: str, params: Mapping[str, Any], *, timeout_s: float | None = None,
+        submitted_by: str | None = None,
     ) -> dict[str, Any]:
         """Validate, record durably, enqueue; returns the job as JSON.
+
+        ``submitted_by`` is the name of the caller's token, recorded with the job.
 
         The queue slot is reserved *before* the insert, so a full queue is refused
         before anything is written: no job is ever left recorded half-way.
@@ -301,7 +304,8 @@ class Supervisor:
         with trio.CancelScope(shield=True) as recording:
             recording.deadline = trio.current_time() + SUBMIT_TIMEOUT_S
             try:
-                row = await self.inserts.submit(NewJob(kind_name, parsed, timeout, self.owner))
+                row = await self.inserts.submit(
+                    NewJob(kind_name, parsed, timeout, self.owner, submitted_by))
             except BaseException:
                 self._intake.release()
                 raise
@@ -345,21 +349,29 @@ class Supervisor:
 
     # -- cancellation ---------------------------------------------------------------------
 
-    async def cancel(self, job_id: int, *, wait_s: float = 5.0) -> dict[str, Any]:
+    async def cancel(self, job_id: int, *, wait_s: float = 5.0,
+                     cancelled_by: str | None = None) -> dict[str, Any]:
         """Cancel a queued or running job; returns it once it has stopped (or after
-        ``wait_s``, with ``cancel_requested_at`` set, if it is slow to stop)."""
+        ``wait_s``, with ``cancel_requested_at`` set, if it is slow to stop).
+
+        ``cancelled_by`` (the caller's token name) is recorded by the first request
+        to cancel the job, before the job is stopped, so its final row carries it.
+        """
         handle = self.registry.get(job_id)
         if handle is None:
             async with self._backlog_lock:  # the backlog feeder must not load it meanwhile
                 handle = self.registry.get(job_id)
                 if handle is None:
-                    row = await self.store.cancel_queued(job_id, self.owner)
+                    row = await self.store.cancel_queued(job_id, self.owner, cancelled_by)
                     if row is not None:
                         return job_json(row)
             if handle is None:
-                return await self._cancel_elsewhere(job_id, wait_s)
+                return await self._cancel_elsewhere(job_id, wait_s, cancelled_by)
         if handle.cancel_requested_at is None:
             handle.cancel_requested_at = now()
+            if cancelled_by is not None:
+                await self._writer.submit(Progress(job_id, {"cancelled_by": cancelled_by},
+                                                   statuses=ACTIVE))
         handle.stop(StopReason.CANCEL)
         with trio.move_on_after(wait_s):
             await handle.finished.wait()
@@ -372,7 +384,8 @@ class Supervisor:
         assert job is not None
         return job
 
-    async def _cancel_elsewhere(self, job_id: int, wait_s: float) -> dict[str, Any]:
+    async def _cancel_elsewhere(self, job_id: int, wait_s: float,
+                                cancelled_by: str | None) -> dict[str, Any]:
         """Cancel a job this process does not hold: it runs in another daemon that
         shares the database. The request goes through the row; the owner's
         cancel-request watcher acts on it within REMOTE_CANCEL_POLL_S."""
@@ -381,7 +394,7 @@ class Supervisor:
             raise JobNotFound(job_id)
         if Status(job["status"]).is_terminal:
             raise JobAlreadyFinished(job)
-        await self.store.request_cancel(job_id)
+        await self.store.request_cancel(job_id, cancelled_by)
 
         async def stopped() -> dict[str, Any] | None:
             current = await self.get_job(job_id)

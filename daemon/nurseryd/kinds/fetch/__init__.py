@@ -39,11 +39,13 @@ def fetch_config(services: Services) -> FetchConfig:
     return services.settings.section(FETCH_SECTION)
 
 
-async def submit_fetch(services: Services, trigger: str) -> dict[str, Any]:
+async def submit_fetch(services: Services, trigger: str, *,
+                       submitted_by: str | None = None) -> dict[str, Any]:
     """Start a fetch job; raises ``JobConflict`` if one is already queued or running."""
     config = fetch_config(services)
     return await services.supervisor.submit("fetch", {"trigger": trigger},
-                                            timeout_s=config.timeout_s)
+                                            timeout_s=config.timeout_s,
+                                            submitted_by=submitted_by)
 
 
 async def seconds_since_last_fetch(services: Services) -> float | None:

@@ -33,7 +33,7 @@ FIELD_ALIASES = {"company": "author"}
 _TOP_KEYS = {"interval", "run_at_start", "timeout_s", "concurrency", "retries", "backoff_s",
              "backoff_max_s", "max_bytes", "batch_size", "max_pages", "user_agent", "sources"}
 _COMMON_SOURCE_KEYS = {"name", "url", "format", "timeout_s", "headers", "max_bytes",
-                       "include", "exclude"}
+                       "include", "exclude", "cross_origin_redirects"}
 _JSON_SOURCE_KEYS = {"items", "id", "next", "max_pages", "fields"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -83,6 +83,9 @@ class SourceConfig:
     #: Lower-cased keywords matched against title and summary.
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    #: Follow redirects to other origins (without the configured headers); never
+    #: https -> http either way.
+    cross_origin_redirects: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,8 @@ def parse_source(
         fields=fields,
         include=_parse_keywords(f"{key}.include", raw["include"]) if "include" in raw else (),
         exclude=_parse_keywords(f"{key}.exclude", raw["exclude"]) if "exclude" in raw else (),
+        cross_origin_redirects=_parse_bool(f"{key}.cross_origin_redirects",
+                                           raw.get("cross_origin_redirects", False)),
     )
 
 

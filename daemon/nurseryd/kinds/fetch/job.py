@@ -212,7 +212,8 @@ class FetchRun:
             with trio.move_on_at(deadline) as budget:
                 page = await get_page(self.client, url, headers=headers,
                                       max_bytes=source.max_bytes, deadline=deadline,
-                                      policy=self.policy)
+                                      policy=self.policy,
+                                      cross_origin_redirects=source.cross_origin_redirects)
             if budget.cancelled_caught:
                 raise FetchError(f"timed out after {source.timeout_s:g} s "
                                  f"(page {outcome.pages + 1}, per-source timeout_s)",

@@ -10,19 +10,15 @@ source is referenced by name only (never by URL).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..base import JobContext, JobFailed, ParamError, refuse_unknown
-from .source_config import database_sources, sheets_config
+from .source_config import SPREADSHEET_ID, database_sources, sheets_config
 from .sources.base import Source
 
 SOURCE_TYPES = ("database", "google_sheets")
-#: Spreadsheet ids are URL-safe base64-ish; refusing anything else keeps the
-#: id from smuggling a path or query into the request URL.
-SPREADSHEET_ID = re.compile(r"^[A-Za-z0-9_-]{10,200}$")
 MAX_RANGE = 200
 
 
@@ -124,4 +120,6 @@ def build_source(params: ExternalParams, ctx: JobContext) -> Source:
     if not sheets.configured:
         raise JobFailed("Google Sheets access is not configured: set api_key or "
                         "credentials_file in [google_sheets]")
+    if not sheets.allows(params.spreadsheet_id):  # checked again: the file may have changed
+        raise JobFailed("the spreadsheet is no longer listed in [google_sheets.spreadsheets]")
     return SheetsSource(sheets, params.spreadsheet_id, params.range)

@@ -35,7 +35,7 @@ from ...db.quoting import quote_ident
 from ..base import JobContext, JobFailed
 from .coerce import RejectRecord
 from .sources.base import Header, Source, SourceBatch, SourceError, SourceEvent, Total
-from .targets import Target
+from .targets import Target, migration_settings
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,10 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, ctx: JobContext,
                                                                   part.written, mode)
                     inserted += one_inserted
                     updated += one_updated
-    await rejectsdb.insert_rejects_in(conn, ctx.job_id, batch.rejects)
+    # Stored up to the cap; beyond it rejects are counted (``failed``) but not kept.
+    stored_before = min(checkpoint["failed"], _rejects_cap(ctx))
+    await rejectsdb.insert_rejects_in(conn, ctx.job_id,
+                                      batch.rejects[:_rejects_cap(ctx) - stored_before])
     good = batch.rows_seen - len(batch.rejects)
     checkpoint = {**checkpoint, "position": batch.position,
                   "processed": checkpoint["processed"] + good,
@@ -206,6 +209,10 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, ctx: JobContext,
     await ctx.commit_progress(conn, checkpoint, processed=checkpoint["processed"],
                               failed=checkpoint["failed"])
     return checkpoint
+
+
+def _rejects_cap(ctx: JobContext) -> int:
+    return migration_settings(ctx.settings).max_stored_rejects
 
 
 def merge_batches(batches: Sequence[SourceBatch]) -> SourceBatch:

@@ -20,6 +20,15 @@ Example::
     api_key = "env:GOOGLE_API_KEY"     # or: credentials_file = "/etc/nurseryd/sa.json"
     window_rows = 5000
 
+    [google_sheets.spreadsheets]       # the only spreadsheets the daemon may read
+    chats = "1BxiMVs0XRA5nFMdKvBdBZjgmUUqptlbs74OgvE2upms"
+
+Why spreadsheets are named in the file too: a service account can read every
+sheet shared with it (often far more than this daemon's business), and an API
+key every public one; a caller who could name any id would read them through
+the daemon. So a request names a configured spreadsheet (``spreadsheet``) or
+gives an id the file lists, and nothing else is read.
+
 Pure parsing, no I/O beyond checking that a credentials file exists.
 """
 
@@ -28,7 +37,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -47,6 +56,9 @@ if TYPE_CHECKING:
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 _ENV = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+#: Spreadsheet ids are URL-safe base64-ish; refusing anything else keeps the
+#: id from smuggling a path or query into the request URL.
+SPREADSHEET_ID = re.compile(r"^[A-Za-z0-9_-]{10,200}$")
 URL_SCHEMES = ("postgresql://", "postgres://", "sqlite:///")
 
 
@@ -222,14 +234,36 @@ class SheetsConfig:
     backoff_max_s: float = 64.0
     #: Requests sent in any 60 s (Google: 60 read requests per minute per user).
     requests_per_minute: int = 60
+    #: name -> spreadsheet id: the only spreadsheets a job may read.
+    spreadsheets: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def configured(self) -> bool:
         return self.api_key is not None or self.credentials_file is not None
 
+    def allows(self, spreadsheet_id: str) -> bool:
+        return spreadsheet_id in self.spreadsheets.values()
+
 
 _SHEETS_KEYS = {"api_base", "api_key", "credentials_file", "window_rows", "request_timeout_s",
-                "max_attempts", "backoff_s", "backoff_max_s", "requests_per_minute"}
+                "max_attempts", "backoff_s", "backoff_max_s", "requests_per_minute",
+                "spreadsheets"}
+
+
+def _parse_spreadsheets(raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("google_sheets.spreadsheets", "expected a table of NAME = "
+                          "\"<spreadsheet id>\"")
+    for name, spreadsheet_id in raw.items():
+        where = f"google_sheets.spreadsheets.{name}"
+        if not _NAME.match(name):
+            raise ConfigError(where, "names are letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(spreadsheet_id, str) or not SPREADSHEET_ID.match(spreadsheet_id):
+            raise ConfigError(where, "expected the id in the sheet's URL "
+                              "(https://docs.google.com/spreadsheets/d/<id>/edit)")
+    return dict(raw)
 
 
 def parse_google_sheets(raw: Any, whole: Mapping[str, Any]) -> SheetsConfig:
@@ -277,6 +311,7 @@ def parse_google_sheets(raw: Any, whole: Mapping[str, Any]) -> SheetsConfig:
         requests_per_minute=parse_positive_int(
             "google_sheets.requests_per_minute",
             raw.get("requests_per_minute", base.requests_per_minute)),
+        spreadsheets=_parse_spreadsheets(raw.get("spreadsheets")),
     )
 
 

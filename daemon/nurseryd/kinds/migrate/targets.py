@@ -87,6 +87,9 @@ class MigrationSettings:
     #: it (~3x, twice over while the next slices parse), speed does not.
     slice_bytes: int = 8 * 1024**2
     caps: ParseCaps = ParseCaps()
+    #: Rejected rows stored per job, raw values included; the rest are only counted
+    #: (a small upload declaring 5 M bad rows must not store 5 M rows of customer data).
+    max_stored_rejects: int = 10_000
 
 
 def _c(name: str, type_: str, nullable: bool = True, *aliases: str) -> ColumnSpec:
@@ -201,7 +204,7 @@ def parse_targets(raw: Any, whole: Mapping[str, Any]) -> dict[str, Target]:
 _MIGRATION_KEYS = {
     "default_target", "max_upload_bytes", "memory_budget_mb", "parse_timeout_s", "batch_rows",
     "timezone", "reader", "max_entry_bytes", "max_total_bytes", "max_compression_ratio",
-    "max_rows", "max_columns", "slice_bytes",
+    "max_rows", "max_columns", "slice_bytes", "max_stored_rejects",
 }
 
 
@@ -265,6 +268,9 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
                                        raw.get("slice_bytes", base.slice_bytes),
                                        minimum=64 * 1024),
         caps=caps,
+        max_stored_rejects=parse_positive_int(
+            "migration.max_stored_rejects",
+            raw.get("max_stored_rejects", base.max_stored_rejects), minimum=0),
     )
 
 

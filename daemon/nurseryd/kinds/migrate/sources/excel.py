@@ -48,8 +48,13 @@ def child_command() -> list[str]:
     return [sys.executable, "-s", "-m", CHILD_MODULE]
 
 
+#: The only variables the parser child inherits: it reads an untrusted file and
+#: needs no secret of the daemon's (database URLs, API keys, tokens).
+CHILD_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
 def child_env() -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    env = {key: os.environ[key] for key in CHILD_ENV_KEYS if key in os.environ}
     import nurseryd
 
     package_root = str(Path(nurseryd.__file__).resolve().parent.parent)

@@ -14,7 +14,8 @@ timeouts are retried by the daemon's one retry policy (:mod:`nurseryd.backoff`:
 exponential back-off with full jitter, never sooner than ``Retry-After``);
 403/404 fail at once with Google's message.
 
-Auth: an API key (``key=`` on every request; link-shared sheets) or a service
+Auth: an API key (the ``X-Goog-Api-Key`` header on every request, never ``?key=``
+in a URL; link-shared sheets) or a service
 account: a JWT signed with the account's private key by ``google-auth`` (the
 maintained signer; we do not hand-roll RS256) exchanged at the key's
 ``token_uri`` for a bearer token (OAuth2 JWT bearer grant, RFC 7523). The
@@ -84,7 +85,9 @@ class SheetsSource:
         """(query params, headers) that authenticate one request."""
         if self.config.api_key is not None:
             try:
-                return {"key": self.config.api_key.resolve("google_sheets.api_key")}, {}
+                # A header, not ?key=: URLs end up in logs, proxies and error texts.
+                return {}, {"X-Goog-Api-Key": self.config.api_key.resolve(
+                    "google_sheets.api_key")}
             except SecretMissing as error:
                 raise SourceError(str(error)) from None
         if self._token is None or self._token.expires_at - time.time() < 60:
