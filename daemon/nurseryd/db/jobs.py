@@ -149,6 +149,7 @@ class PostgresJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.feed = ChangeFeed()
+        self.progress = ChangeFeed()
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Row | None]:
         """Insert many jobs in one statement (atomic by itself: no BEGIN/COMMIT)."""
@@ -209,6 +210,7 @@ class PostgresJobStore:
 
         found = iter(await self.db.run(_apply, transaction=count > 1))
         committed: list[JobChanged] = []
+        progressed: list[JobChanged] = []
         for parts in statements:
             for _, _, indexes_list, applied in parts:
                 rows = next(found)
@@ -218,7 +220,10 @@ class PostgresJobStore:
                         results[index] = row
                     if row is not None and isinstance(change, Transition):
                         committed.append(JobChanged(change.event, row))
+                    elif row is not None:
+                        progressed.append(JobChanged(None, row))
         self.feed.publish(committed)
+        self.progress.publish(progressed)
         return results
 
     async def get(self, job_id: int) -> Row | None:

@@ -211,6 +211,9 @@ class JobStore(Protocol):
     """Where jobs are recorded and every change to them is applied."""
 
     feed: ChangeFeed
+    #: Committed progress writes (counters, no status change; ``event`` is ``None``),
+    #: a few per second per running job: for live displays, which may drop them.
+    progress: ChangeFeed
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Row | None]:
         """Record many jobs at once; ``None`` where a unique rule refused one

@@ -41,6 +41,7 @@ ONE_ACTIVE = frozenset({"fetch"})
 class MemoryJobStore:
     def __init__(self) -> None:
         self.feed = ChangeFeed()
+        self.progress = ChangeFeed()
         self.rows: dict[int, dict[str, Any]] = {}
         self.live_owners: set[str] = set()
         #: Method name -> event: that call waits for it first ("the database is slow").
@@ -93,6 +94,7 @@ class MemoryJobStore:
         await self._round_trip("apply")
         results: list[Row | None] = [None] * len(changes)
         committed: list[JobChanged] = []
+        progressed: list[JobChanged] = []
         for round_ in in_rounds(changes):
             for indexes, change in round_:
                 row = self.rows.get(change.job_id)
@@ -106,9 +108,12 @@ class MemoryJobStore:
                 if isinstance(change, Transition):
                     row["status"] = target_of(change.event).value
                     committed.append(JobChanged(change.event, self._copy(row)))
+                else:
+                    progressed.append(JobChanged(None, self._copy(row)))
                 for index in indexes:
                     results[index] = self._copy(row)
         self.feed.publish(committed)
+        self.progress.publish(progressed)
         return results
 
     async def get(self, job_id: int) -> Row | None:
