@@ -20,6 +20,7 @@ from typing import Any
 from quart import Blueprint
 
 from .config import ConfigSection, Settings
+from .http.actions import blueprint as actions_blueprint
 from .http.events import blueprint as events_blueprint
 from .http.events import prepare_event_hub, run_event_hub
 from .http.fetch import blueprint as fetch_blueprint
@@ -87,16 +88,17 @@ FETCH = Feature(
     metrics=(fetch_freshness,),
 )
 
-EVENTS = Feature(
-    name="events",
-    blueprints=(events_blueprint,),
+#: What an operator console needs of the daemon: the event stream, job actions.
+CONSOLE = Feature(
+    name="console",
+    blueprints=(events_blueprint, actions_blueprint),
     config_sections=(EVENTS_SECTION,),
     startup=(prepare_event_hub,),
     background=(run_event_hub,),
 )
 
 #: Everything the standard daemon does.
-FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH, EVENTS)
+FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH, CONSOLE)
 
 
 def enabled_features(features: Iterable[Feature], settings: Settings) -> list[Feature]:

@@ -95,3 +95,11 @@ async def listen(db: Database, on_notify: Callable[[], None]) -> AsyncIterator[C
                 await trio_asyncio.aio_as_trio(conn.close, loop=db.loop)()
             except CONNECTION_ERRORS:
                 conn.terminate()
+
+
+async def job_history(db: Database, job_id: int, limit: int) -> list[asyncpg.Record]:
+    """The newest ``limit`` stored events of one job, oldest first."""
+    rows = await db.fetch(
+        f"SELECT {_COLUMNS} FROM job_events WHERE job_id = $1 ORDER BY id DESC LIMIT $2",
+        job_id, limit)
+    return rows[::-1]

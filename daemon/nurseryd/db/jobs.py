@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import LostClaim
+from ..errors import JobConflict, LostClaim
 from ..lifecycle import (
     ACTIVE,
     Event,
@@ -42,6 +42,7 @@ from ..store.base import (
     in_rounds,
     job_json,
     now,
+    rerun_change,
 )
 from .database import Database
 
@@ -298,6 +299,14 @@ class PostgresJobStore:
             _values(statuses_allowing(Event.RECOVER)))
         self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows)
         return len(rows)
+
+    async def rerun(self, job_id: int, owner: str) -> Row | None:
+        try:
+            [row] = await self.apply([rerun_change(job_id, owner)])
+        except asyncpg.UniqueViolationError:  # jobs_one_active_fetch
+            kind = await self.db.fetchval("SELECT kind FROM jobs WHERE id = $1", job_id)
+            raise JobConflict(kind) from None
+        return row
 
 
 # -- questions other modules ask of the jobs table ----------------------------------------

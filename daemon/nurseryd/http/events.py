@@ -20,6 +20,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
+from ..db import events as event_log
 from ..lifecycle import Status
 from ..observe.events import (
     EVENTS_SECTION,
@@ -29,13 +30,15 @@ from ..observe.events import (
     HubClosed,
     JobEvent,
     TooManyStreams,
+    log_line,
     replay,
 )
 from ..services import Services
 from ..supervisor import JobNotFound
 from .context import get_services
-from .jobs import parse_job_id
+from .jobs import json_response, parse_job_id
 from .problems import Problem
+from .query import int_arg
 
 blueprint = Blueprint("events", __name__)
 
@@ -208,6 +211,23 @@ async def job_events(job_id: str) -> Response:
     if await services.supervisor.get_job(number) is None:
         raise JobNotFound(number)
     return _response(_stream(services, hub, wanted, after, one_job=True))
+
+
+#: Lines of a job's log in one answer: the newest, at most this many.
+MAX_LOG_LINES = 1000
+
+
+@blueprint.get("/jobs/<job_id>/log")
+async def job_log(job_id: str) -> Response:
+    """The job's log: start, requeues, retries, the error, the end (from the event log)."""
+    services = get_services()
+    number = parse_job_id(job_id)
+    limit = int_arg("limit", 200, 1, MAX_LOG_LINES)
+    if await services.supervisor.get_job(number) is None:
+        raise JobNotFound(number)
+    records = await event_log.job_history(services.db, number, limit + 1)
+    lines = [log_line(JobEvent.from_record(record)) for record in records[-limit:]]
+    return json_response({"job": number, "lines": lines, "truncated": len(records) > limit})
 
 
 async def prepare_event_hub(services: Services) -> None:

@@ -29,6 +29,7 @@ usual case, milliseconds) before it takes the gap for a rolled-back insert.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -378,6 +379,8 @@ class EventHub:
 
     async def _prune(self) -> None:
         while True:
+            # Not at start: the daemon has more urgent work then, and nothing is old yet.
+            await trio.sleep(PRUNE_INTERVAL_S)
             try:
                 deleted = await event_log.prune(self.db, keep_s=self.settings.retention_s,
                                                 max_rows=self.settings.max_events)
@@ -385,7 +388,6 @@ class EventHub:
                     log.info("pruned %d old job events", deleted)
             except _DB_AWAY as error:
                 log.warning("pruning job events failed (%s)", error)
-            await trio.sleep(PRUNE_INTERVAL_S)
 
 
 async def replay(
@@ -396,3 +398,40 @@ async def replay(
     and asks again from the last id until a page comes back empty."""
     records = await event_log.events_after(db, after_id, PAGE, wanted.job_id, up_to)
     return [JobEvent.from_record(record) for record in records]
+
+
+def _counts(job: Mapping[str, Any]) -> str:
+    total = job.get("total")
+    of = "" if total is None else f" of {total}"
+    return f"{job.get('processed') or 0}{of} processed, {job.get('failed') or 0} failed"
+
+
+def log_line(event: JobEvent) -> dict[str, Any]:
+    """One line of a job's log (``GET /jobs/{id}/log``) from a stored event.
+
+    The log is the event log read for people: what each change meant, with the
+    attempt, the counters and the error, so it survives restarts and is the same
+    whichever daemon sharing the database is asked.
+    """
+    job = event.job
+    status = Status(job["status"])
+    level, attempt, error = "info", job.get("attempts") or 0, job.get("error")
+    if event.name == "created":
+        message = f"recorded: {job['kind']} {json.dumps(job.get('params'), default=str)}"
+    elif event.name == "started":
+        message = f"attempt {attempt} started"
+        if (job.get("processed") or 0) + (job.get("failed") or 0):
+            message += f" from its checkpoint ({_counts(job)})"
+    elif event.name == "requeued":
+        level = "warning"
+        message = (f"attempt {attempt} stopped and queued again (shutdown, a lost daemon or a "
+                   f"transient error) at {_counts(job)}" + (f": {error}" if error else ""))
+    elif event.name == "retried":
+        message = f"queued again by request, resuming at {_counts(job)}"
+    elif status is Status.COMPLETED:
+        message = f"completed: {_counts(job)}"
+    else:
+        level = "warning" if status is Status.CANCELLED else "error"
+        message = f"{status.value}: {error or 'no reason recorded'} ({_counts(job)})"
+    return {"id": event.id, "at": event.at.isoformat(), "level": level, "event": event.name,
+            "message": message}

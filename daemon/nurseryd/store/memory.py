@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from ..errors import JobConflict
 from ..lifecycle import ACTIVE, Event, Status, next_status, statuses_allowing, target_of
 from .base import (
     PUBLIC_FIELDS,
@@ -32,6 +33,7 @@ from .base import (
     Transition,
     in_rounds,
     now,
+    rerun_change,
 )
 
 #: Kinds of which at most one job may be unfinished (the PostgreSQL partial index).
@@ -196,3 +198,14 @@ class MemoryJobStore:
                 recovered += 1
                 self.feed.publish([JobChanged(Event.RECOVER, self._copy(row))])
         return recovered
+
+    async def rerun(self, job_id: int, owner: str) -> Row | None:
+        row = self.rows.get(job_id)
+        if (row is not None and row["kind"] in ONE_ACTIVE
+                and Status(row["status"]) in statuses_allowing(Event.RERUN)
+                and any(other["kind"] == row["kind"] and Status(other["status"]) in ACTIVE
+                        for other in self.rows.values())):
+            await self._round_trip("rerun")
+            raise JobConflict(row["kind"])
+        [found] = await self.apply([rerun_change(job_id, owner)])
+        return found
