@@ -228,3 +228,41 @@ async def test_a_change_by_another_daemon_reaches_the_stream(database_url: str,
                 job = (await client.post("/jobs/noop", json={})).json()
                 frames = await stream.until(_finished(job["id"]))
         assert [frame.event for frame in frames] == ["created", "started", "finished"]
+
+
+async def test_heartbeats_and_the_poll_fallback_without_listen(
+        database_url: str, state_dir: Path, monkeypatch: Any) -> None:
+    from nurseryd.db import events as event_log
+
+    @asynccontextmanager
+    async def no_listen(*_: Any) -> AsyncIterator[Any]:
+        raise OSError("LISTEN is not available here")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(event_log, "listen", no_listen)
+    settings = make_settings(database_url, state_dir, sections={EVENTS_SECTION.name: EventSettings(
+        heartbeat_s=0.2, poll_interval_s=0.1)})
+    async with run_daemon(settings) as daemon:
+        hub = daemon.services.events
+        assert hub is not None
+        async with open_stream(daemon.client, "/events") as stream:
+            assert (await stream.next()).comment == "connected"
+            assert (await stream.next()).comment == "heartbeat"
+            assert not hub.listening
+            job = (await daemon.client.post("/jobs/noop", json={})).json()
+            frames = await stream.until(_finished(job["id"]))
+        assert [frame.event for frame in frames] == ["created", "started", "finished"]
+
+
+async def test_a_retried_jobs_stream_follows_the_new_attempt(database_url: str,
+                                                             state_dir: Path) -> None:
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        job = (await daemon.client.post("/jobs/sleep?timeout_s=0.2",
+                                        json={"seconds": 5})).json()
+        await daemon.wait_for_status(job["id"], "timed_out")
+        assert (await daemon.client.post(f"/jobs/{job['id']}/retry")).status_code == 202
+        async with open_stream(daemon.client, f"/jobs/{job['id']}/events") as stream:
+            frames = await stream.until(
+                lambda frame: frame.event == "finished" and frame.data["attempts"] == 2)
+        names = [frame.event for frame in frames if frame.event != "progress"]
+        assert names == ["created", "started", "finished", "retried", "started", "finished"]

@@ -124,9 +124,10 @@ async def _stream(services: Services, hub: EventHub, wanted: EventFilter, after:
         yield f"retry: {RECONNECT_MS}\n: connected\n\n".encode()
         # A job's own stream starts with its history; the all-jobs stream with now.
         last = 0 if after is None and one_job else after
-        finished = False
+        # A job's stream ends at its terminal event, unless a later one (a retry) follows.
+        ended = False
         if last is not None:
-            while not finished:
+            while True:
                 assert last is not None
                 page = await replay(services.db, last, subscription.since, wanted)
                 if not page:
@@ -135,10 +136,8 @@ async def _stream(services: Services, hub: EventHub, wanted: EventFilter, after:
                     last = event.id
                     if wanted.matches(event.job):
                         yield format_event(event)
-                        finished = one_job and event.terminal
-                        if finished:
-                            break
-        if finished:
+                        ended = event.terminal
+        if one_job and ended:
             return
         # The job may have ended after the hub's cursor (its event comes live) or
         # its events may have been pruned (then nothing comes): wait a bounded time.
