@@ -62,15 +62,15 @@ async def test_clients_that_disconnect_mid_post_strand_no_job(
             for index in range(150):
                 nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
                                    int(port), request, (index % 30) * 0.005)
-        # (Inserts whose client is gone still commit, shielded: more rows may appear
-        # after this count, which is why the check below counts again at the end.)
-        assert await daemon.services.db.fetchval("SELECT count(*) FROM jobs") > 0
+        # (Inserts whose client is gone still commit, shielded: rows may appear after
+        # the client threads ended, which is why the check below counts again at the end.)
 
-        async def all_ended() -> bool:
-            return await _unfinished(daemon) == 0
+        async def recorded_and_ended() -> bool:
+            recorded = await daemon.services.db.fetchval("SELECT count(*) FROM jobs")
+            return recorded > 0 and await _unfinished(daemon) == 0
 
         # Every committed job reaches an ending (the rescan runs every 5 s).
-        await eventually(all_ended, timeout=30)
+        await eventually(recorded_and_ended, timeout=30)
         statuses = await daemon.services.db.fetch(
             "SELECT status, count(*) FROM jobs GROUP BY status")
         recorded = await daemon.services.db.fetchval("SELECT count(*) FROM jobs")
@@ -239,12 +239,13 @@ async def test_clients_that_disconnect_mid_upload_lose_no_recorded_job(
                 nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
                                    int(port), request, (index % 15) * 0.01)
 
-        async def all_ended() -> bool:
-            return await _unfinished(daemon) == 0
+        async def recorded_and_ended() -> list[Any] | None:
+            # The client threads end once their requests are sent, not once the
+            # daemon has recorded them: wait for a recorded job, and for all to end.
+            rows = await daemon.services.db.fetch("SELECT status, error FROM jobs")
+            return rows if rows and await _unfinished(daemon) == 0 else None
 
-        await eventually(all_ended, timeout=60)
-        rows = await daemon.services.db.fetch("SELECT status, error FROM jobs")
-        assert rows, "no upload got far enough to be recorded"
+        rows = await eventually(recorded_and_ended, timeout=60)
         assert {(row["status"], row["error"]) for row in rows} == {("completed", None)}
         # Recorded jobs consumed their files; unrecorded uploads left none behind.
         directory = uploads_dir(state_dir)

@@ -32,7 +32,7 @@ import datetime as dt
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,8 +153,10 @@ def rate_and_eta(job: Mapping[str, Any], at: dt.datetime) -> tuple[float | None,
         eta: float | None = 0.0
     else:
         end, eta = at, None
-    if started is None or status == Status.QUEUED.value:
-        return None, eta if status != Status.QUEUED.value else None
+    if status == Status.QUEUED.value:
+        return None, None
+    if started is None:  # ended without running (cancelled while queued)
+        return None, eta
     done = (job.get("processed") or 0) + (job.get("failed") or 0)
     elapsed = (end - started).total_seconds()
     if elapsed <= 0:
@@ -249,8 +251,6 @@ class EventHub:
     _wake: trio.Event = field(default_factory=trio.Event)
     _gap_since: float | None = None
     _progress_sent: dict[int, float] = field(default_factory=dict)
-    #: Called with each event the hub delivers (tests wait on it).
-    on_deliver: list[Callable[[JobEvent], None]] = field(default_factory=list)
 
     @property
     def streams(self) -> int:
@@ -283,8 +283,6 @@ class EventHub:
                             "(%d events buffered)", self.settings.stream_buffer)
             except trio.ClosedResourceError:
                 self._subscriptions.discard(subscription)
-        for hook in self.on_deliver:
-            hook(event)
 
     def _on_progress(self, change: JobChanged) -> None:
         """Feed subscriber (synchronous, never blocks): a live progress event,
@@ -319,7 +317,7 @@ class EventHub:
                 self._gap_since = None
                 self.cursor = record["id"]
                 event = JobEvent.from_record(record)
-                if event.terminal or event.name != "started":
+                if event.name != "started":  # its attempt ended: no more progress
                     self._progress_sent.pop(event.job["id"], None)
                 self._deliver(event)
             if len(records) < PAGE:
