@@ -29,6 +29,9 @@ from nurseryd.lifecycle import (
         (Status.RUNNING, Event.INTERRUPT, Status.QUEUED),
         (Status.RUNNING, Event.RECOVER, Status.QUEUED),
         (Status.RUNNING, Event.RETRY, Status.QUEUED),
+        (Status.FAILED, Event.RERUN, Status.QUEUED),
+        (Status.CANCELLED, Event.RERUN, Status.QUEUED),
+        (Status.TIMED_OUT, Event.RERUN, Status.QUEUED),
     ],
 )
 def test_allowed_transitions(status: Status, event: Event, expected: Status) -> None:
@@ -36,7 +39,7 @@ def test_allowed_transitions(status: Status, event: Event, expected: Status) -> 
 
 
 @pytest.mark.parametrize("status", sorted(TERMINAL))
-@pytest.mark.parametrize("event", list(Event))
+@pytest.mark.parametrize("event", [event for event in Event if event is not Event.RERUN])
 def test_terminal_statuses_are_final(status: Status, event: Event) -> None:
     with pytest.raises(InvalidTransition, match=f"a {status.value} job cannot"):
         next_status(status, event)
@@ -96,6 +99,9 @@ def test_every_event_has_one_target_whatever_it_leaves() -> None:
     assert {event for _, event in TRANSITIONS} == set(Event)
 
 
-def test_no_event_leaves_a_terminal_status() -> None:
+def test_only_an_operators_rerun_leaves_a_terminal_status() -> None:
     for event in Event:
-        assert not statuses_allowing(event) & TERMINAL, event
+        if event is not Event.RERUN:
+            assert not statuses_allowing(event) & TERMINAL, event
+    # A completed job is done for good; the other endings may be run again.
+    assert statuses_allowing(Event.RERUN) == TERMINAL - {Status.COMPLETED}

@@ -14,7 +14,7 @@ from pathlib import Path
 import nurseryd
 
 PACKAGE = Path(nurseryd.__file__).resolve().parent
-OWN_TABLES = ("jobs", "migration_rejects", "items", "fetch_sources")
+OWN_TABLES = ("jobs", "migration_rejects", "items", "fetch_sources", "job_events")
 SQL_ON_OWN_TABLE = re.compile(
     r"\b(FROM|INTO|UPDATE|JOIN|TABLE)\s+(" + "|".join(OWN_TABLES) + r")\b", re.IGNORECASE)
 

@@ -105,6 +105,16 @@ class JobAlreadyFinished(SupervisorError):
         self.job = job
 
 
+class JobNotRetryable(SupervisorError):
+    """``POST /jobs/{id}/retry`` for a job that cannot run again (409): it is not
+    failed, cancelled or timed out, or what it needs is gone (its upload)."""
+
+    def __init__(self, job: dict[str, Any], reason: str) -> None:
+        super().__init__(f"job {job['id']} cannot be retried: {reason}")
+        self.job = job
+        self.reason = reason
+
+
 class DatabaseUnavailable(SupervisorError):
     """PostgreSQL did not answer in time; the request may be retried (503)."""
 

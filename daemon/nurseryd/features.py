@@ -20,6 +20,9 @@ from typing import Any
 from quart import Blueprint
 
 from .config import ConfigSection, Settings
+from .http.actions import blueprint as actions_blueprint
+from .http.events import blueprint as events_blueprint
+from .http.events import prepare_event_hub, run_event_hub
 from .http.fetch import blueprint as fetch_blueprint
 from .http.migration import blueprint as migration_blueprint
 from .http.migration_sources import blueprint as migration_sources_blueprint
@@ -30,6 +33,7 @@ from .kinds.migrate import MIGRATION_KIND, prepare_targets, sweep_uploads_period
 from .kinds.migrate.source_config import GOOGLE_SHEETS_SECTION, SOURCES_SECTION
 from .kinds.migrate.targets import MIGRATION_SECTION, TARGETS_SECTION
 from .kinds.sleep import NOOP_KIND, SLEEP_KIND, SQL_SLEEP_KIND
+from .observe.events import EVENTS_SECTION
 from .observe.hub import MetricsHook
 from .services import Services
 from .supervisor.retention import RETENTION_SECTION, sweep_periodically
@@ -91,8 +95,17 @@ RETENTION = Feature(
     background=(sweep_periodically,),
 )
 
+#: What an operator console needs of the daemon: the event stream, job actions.
+CONSOLE = Feature(
+    name="console",
+    blueprints=(events_blueprint, actions_blueprint),
+    config_sections=(EVENTS_SECTION,),
+    startup=(prepare_event_hub,),
+    background=(run_event_hub,),
+)
+
 #: Everything the standard daemon does.
-FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH, RETENTION)
+FEATURES: tuple[Feature, ...] = (DIAGNOSTICS, MIGRATION, FETCH, RETENTION, CONSOLE)
 
 
 def enabled_features(features: Iterable[Feature], settings: Settings) -> list[Feature]:

@@ -14,6 +14,9 @@ I/O lets every rule be tested with plain function calls.
       │                 └──interrupt / recover / retry──▶ queued
       │                      (shutdown, a dead owner, a transient failure)
       └──cancel──▶ cancelled
+
+    failed | cancelled | timed_out ──rerun──▶ queued
+                      (an operator's POST /jobs/{id}/retry; resumes from its checkpoint)
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ class Event(StrEnum):
     #: The attempt failed in a way another attempt would not (the database went
     #: away): back to queued, tried again after a back-off while attempts remain.
     RETRY = "retry"
+    #: An operator asked to run an ended job again (``POST /jobs/{id}/retry``). The
+    #: only event that leaves a terminal status, and only the API issues it: no
+    #: writer of a running attempt can, so a writer that lost its claim still
+    #: changes nothing (a rerun job starts a new attempt, which fences the old one).
+    RERUN = "rerun"
 
 
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
@@ -64,6 +72,9 @@ TRANSITIONS: dict[tuple[Status, Event], Status] = {
     (Status.RUNNING, Event.INTERRUPT): Status.QUEUED,
     (Status.RUNNING, Event.RECOVER): Status.QUEUED,
     (Status.RUNNING, Event.RETRY): Status.QUEUED,
+    (Status.FAILED, Event.RERUN): Status.QUEUED,
+    (Status.CANCELLED, Event.RERUN): Status.QUEUED,
+    (Status.TIMED_OUT, Event.RERUN): Status.QUEUED,
 }
 
 

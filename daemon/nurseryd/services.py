@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .db import Database
     from .kinds.base import KindRegistry
+    from .observe.events import EventHub
     from .observe.hub import Observability
     from .supervisor import Supervisor
 
@@ -23,3 +24,5 @@ class Services:
     observability: Observability
     #: Where HTTP listens (``http://127.0.0.1:8084``), known once hypercorn is up.
     binds: list[str] = field(default_factory=list)
+    #: The event hub behind ``GET /events``, set while it runs (a background task).
+    events: EventHub | None = None

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import LostClaim
+from ..errors import JobConflict, LostClaim
 from ..lifecycle import (
     ACTIVE,
     TERMINAL,
@@ -43,6 +43,7 @@ from ..store.base import (
     in_rounds,
     job_json,
     now,
+    rerun_change,
 )
 from .database import Database
 
@@ -151,6 +152,7 @@ class PostgresJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.feed = ChangeFeed()
+        self.progress = ChangeFeed()
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Row | None]:
         """Insert many jobs in one statement (atomic by itself: no BEGIN/COMMIT)."""
@@ -212,6 +214,7 @@ class PostgresJobStore:
 
         found = iter(await self.db.run(_apply, transaction=count > 1))
         committed: list[JobChanged] = []
+        progressed: list[JobChanged] = []
         for parts in statements:
             for _, _, indexes_list, applied in parts:
                 rows = next(found)
@@ -221,7 +224,10 @@ class PostgresJobStore:
                         results[index] = row
                     if row is not None and isinstance(change, Transition):
                         committed.append(JobChanged(change.event, row))
+                    elif row is not None:
+                        progressed.append(JobChanged(None, row))
         self.feed.publish(committed)
+        self.progress.publish(progressed)
         return results
 
     async def get(self, job_id: int) -> Row | None:
@@ -297,6 +303,14 @@ class PostgresJobStore:
             _values(statuses_allowing(Event.RECOVER)))
         self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows)
         return len(rows)
+
+    async def rerun(self, job_id: int, owner: str) -> Row | None:
+        try:
+            [row] = await self.apply([rerun_change(job_id, owner)])
+        except asyncpg.UniqueViolationError:  # jobs_one_active_fetch
+            kind = await self.db.fetchval("SELECT kind FROM jobs WHERE id = $1", job_id)
+            raise JobConflict(kind) from None
+        return row
 
 
 # -- questions other modules ask of the jobs table ----------------------------------------

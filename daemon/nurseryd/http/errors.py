@@ -33,6 +33,7 @@ from ..errors import (
     JobAlreadyFinished,
     JobConflict,
     JobNotFound,
+    JobNotRetryable,
     NotAuthenticated,
     NotPermitted,
     NurserydError,
@@ -82,6 +83,7 @@ ERROR_TABLE: dict[type[Exception], tuple[int, Callable[[Any], Answer]]] = {
     JobAlreadyFinished: (409, lambda error: Answer(
         f"{error}; only queued or running jobs can be cancelled", fields={"job": error.job})),
     JobConflict: (409, _said),
+    JobNotRetryable: (409, lambda error: Answer(str(error), fields={"job": error.job})),
     Draining: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),
     QueueFull: (503, lambda error: Answer(str(error), headers={"Retry-After": "1"})),
     DatabaseUnavailable: (503, lambda error: Answer(str(error), headers={"Retry-After": "5"})),

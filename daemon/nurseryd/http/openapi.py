@@ -53,6 +53,8 @@ def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[st
 
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}}}
 _LOCATION = {"Location": {"schema": {"type": "string"}}}
+_LAST_EVENT_ID = {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                  "description": "resume after this event id"}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"},
            "description": "the job's id (a whole number; anything else is a 404)"}
 
@@ -81,6 +83,11 @@ def _operations() -> dict[str, dict[str, Any]]:
     invalid = _problem("an invalid parameter; the body names the field")
     migration = _answer("the migration job", _ref("MigrationJob"), _LOCATION)
     json_body = {"required": False, "content": _json(JSON_OBJECT)}
+    filters = [{"name": name, "in": "query", "schema": {"type": "string"}}
+               for name in ("kind", "status")]
+    stream = {"description": "text/event-stream: id, event, data (the job JSON plus rate "
+                             "and eta_s)",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     return {
         "/jobs/{kind}": {"post": {
             "summary": "start a job of a kind", "requestBody": json_body,
@@ -114,6 +121,40 @@ def _operations() -> dict[str, dict[str, Any]]:
                            {"name": "after", "in": "query", "schema": {"type": "string"}}],
             "responses": {"200": _answer("a page of rejects", _ref("RejectPage")),
                           "404": missing, "422": invalid, "503": busy}}},
+        "/jobs/{job_id}/retry": {"post": {
+            "summary": "run a failed, cancelled or timed-out job again, from its checkpoint",
+            "parameters": [_JOB_ID],
+            "responses": {"202": accepted, "404": missing,
+                          "409": _problem("the job has not ended, its upload is gone, or a "
+                                          "job of its kind is already active"),
+                          "503": busy}}},
+        "/jobs/cancel": {"post": {
+            "summary": "cancel every job matching the filters", "parameters": filters,
+            "responses": {"200": _answer("how many matched and were cancelled", JSON_OBJECT),
+                          "422": invalid, "503": busy}}},
+        "/jobs/retry": {"post": {
+            "summary": "retry every ended job matching the filters", "parameters": filters,
+            "responses": {"200": _answer("how many matched and were requeued", JSON_OBJECT),
+                          "422": invalid, "503": busy}}},
+        "/jobs/{job_id}/log": {"get": {
+            "summary": "the job's log lines, from its recorded events",
+            "parameters": [_JOB_ID, {"name": "limit", "in": "query",
+                                     "schema": {"type": "string"}}],
+            "responses": {"200": _answer("the lines", JSON_OBJECT), "404": missing,
+                          "422": invalid, "503": busy}}},
+        "/events": {"get": {
+            "summary": "server-sent events: one per job change",
+            "parameters": [*filters, {"name": "job", "in": "query",
+                                      "schema": {"type": "string"}}, _LAST_EVENT_ID],
+            "responses": {"200": stream, "422": invalid,
+                          "503": _problem("too many open streams, or starting/stopping",
+                                          _RETRY_AFTER)}}},
+        "/jobs/{job_id}/events": {"get": {
+            "summary": "server-sent events of one job, closed after its end",
+            "parameters": [_JOB_ID, _LAST_EVENT_ID],
+            "responses": {"200": stream, "404": missing, "422": invalid,
+                          "503": _problem("too many open streams, or starting/stopping",
+                                          _RETRY_AFTER)}}},
         "/healthz": {"get": {
             "summary": "liveness", "security": [],
             "responses": {"200": _answer("alive", JSON_OBJECT)}}},

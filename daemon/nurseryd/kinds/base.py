@@ -139,6 +139,10 @@ class JobKind:
     #: then never writes them, from the job's first moment: a progress flush of
     #: older counters could otherwise land after a batch committed newer ones.
     commits_progress: bool = False
+    #: Before an ended job of this kind is run again (``POST /jobs/{id}/retry``):
+    #: ``(params, settings)`` returns why it cannot (``None``: it can), e.g. its
+    #: upload is gone.
+    rerun_blocker: Callable[[Mapping[str, Any], Settings], str | None] | None = None
 
 
 @dataclass

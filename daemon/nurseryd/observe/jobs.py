@@ -77,6 +77,10 @@ class JobObserver:
             self._recovered(row)
         elif change.event is Event.RETRY:
             self._requeued(row)
+        elif change.event is Event.RERUN:
+            log.info("job %d %s queued again by request (from its checkpoint: %s)", row["id"],
+                     describe(row["kind"], row["params"]), counts(row),
+                     extra=fields(row, "rerun"))
         else:
             self._ended(change.event, row)
 

@@ -214,6 +214,9 @@ class JobStore(Protocol):
     """Where jobs are recorded and every change to them is applied."""
 
     feed: ChangeFeed
+    #: Committed progress writes (counters, no status change; ``event`` is ``None``),
+    #: a few per second per running job: for live displays, which may drop them.
+    progress: ChangeFeed
 
     async def insert(self, jobs: Sequence[NewJob]) -> list[Row | None]:
         """Record many jobs at once; ``None`` where a unique rule refused one
@@ -267,6 +270,21 @@ class JobStore(Protocol):
         """Requeue (``recover``) this owner's running jobs whose ids are not in
         ``held``: nothing in the process runs them any more."""
         ...
+
+    async def rerun(self, job_id: int, owner: str) -> Row | None:
+        """The ``rerun`` transition: an ended job back to ``queued`` for ``owner``,
+        its outcome cleared and its checkpoint and counters kept (it resumes);
+        ``None`` if its status does not allow it. Raises
+        :class:`~nurseryd.errors.JobConflict` when a unique rule refuses (another
+        fetch is active)."""
+        ...
+
+
+def rerun_change(job_id: int, owner: str) -> Transition:
+    """What :meth:`JobStore.rerun` writes, the same in every store."""
+    return Transition(job_id, Event.RERUN, {
+        "owner": owner, "error": None, "result": None, "finished_at": None,
+        "cancel_requested_at": None})
 
 
 Round = list[tuple[list[int], Change]]

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from ..errors import JobConflict
 from ..lifecycle import ACTIVE, Event, Status, next_status, statuses_allowing, target_of
 from .base import (
     PUBLIC_FIELDS,
@@ -32,6 +33,7 @@ from .base import (
     Transition,
     in_rounds,
     now,
+    rerun_change,
 )
 
 #: Kinds of which at most one job may be unfinished (the PostgreSQL partial index).
@@ -41,6 +43,7 @@ ONE_ACTIVE = frozenset({"fetch"})
 class MemoryJobStore:
     def __init__(self) -> None:
         self.feed = ChangeFeed()
+        self.progress = ChangeFeed()
         self.rows: dict[int, dict[str, Any]] = {}
         self.live_owners: set[str] = set()
         #: Method name -> event: that call waits for it first ("the database is slow").
@@ -93,6 +96,7 @@ class MemoryJobStore:
         await self._round_trip("apply")
         results: list[Row | None] = [None] * len(changes)
         committed: list[JobChanged] = []
+        progressed: list[JobChanged] = []
         for round_ in in_rounds(changes):
             for indexes, change in round_:
                 row = self.rows.get(change.job_id)
@@ -106,9 +110,12 @@ class MemoryJobStore:
                 if isinstance(change, Transition):
                     row["status"] = target_of(change.event).value
                     committed.append(JobChanged(change.event, self._copy(row)))
+                else:
+                    progressed.append(JobChanged(None, self._copy(row)))
                 for index in indexes:
                     results[index] = self._copy(row)
         self.feed.publish(committed)
+        self.progress.publish(progressed)
         return results
 
     async def get(self, job_id: int) -> Row | None:
@@ -193,3 +200,14 @@ class MemoryJobStore:
                 recovered += 1
                 self.feed.publish([JobChanged(Event.RECOVER, self._copy(row))])
         return recovered
+
+    async def rerun(self, job_id: int, owner: str) -> Row | None:
+        row = self.rows.get(job_id)
+        if (row is not None and row["kind"] in ONE_ACTIVE
+                and Status(row["status"]) in statuses_allowing(Event.RERUN)
+                and any(other["kind"] == row["kind"] and Status(other["status"]) in ACTIVE
+                        for other in self.rows.values())):
+            await self._round_trip("rerun")
+            raise JobConflict(row["kind"])
+        [found] = await self.apply([rerun_change(job_id, owner)])
+        return found

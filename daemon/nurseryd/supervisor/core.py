@@ -35,11 +35,12 @@ from ..errors import (
     JobAlreadyFinished,
     JobConflict,
     JobNotFound,
+    JobNotRetryable,
     ParamError,
     UnknownKind,
 )
 from ..kinds.base import JobKind, KindRegistry
-from ..lifecycle import ACTIVE, Status, StopReason
+from ..lifecycle import ACTIVE, Event, Status, StopReason, statuses_allowing
 from ..observe.metrics import Metrics
 from ..store.base import (
     Change,
@@ -324,6 +325,45 @@ class Supervisor:
         if not self._intake.hand_off(handle):
             # Draining began while we inserted: the job is durably queued and
             # resumes after the restart; it just does not run in this process.
+            self._intake.release()
+            del self.registry[handle.id]
+        return job_json(row)
+
+    async def rerun(self, job_id: int) -> dict[str, Any]:
+        """Queue an ended job (failed, cancelled, timed out) again, here; it resumes
+        from its checkpoint. Like :meth:`submit`: a slot first, then the write."""
+        job = await self.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if Status(job["status"]) not in statuses_allowing(Event.RERUN):
+            raise JobNotRetryable(job, f"it is {job['status']}; only failed, cancelled or "
+                                  "timed_out jobs run again")
+        kind = self.kinds.get(job["kind"])
+        if kind is None:
+            raise JobNotRetryable(job, f"this daemon does not run {job['kind']} jobs")
+        blocker = kind.rerun_blocker and kind.rerun_blocker(job["params"], self.settings)
+        if blocker:
+            raise JobNotRetryable(job, blocker)
+        self._intake.reserve()
+        with trio.CancelScope(shield=True) as recording:  # as in submit
+            recording.deadline = trio.current_time() + SUBMIT_TIMEOUT_S
+            try:
+                row = await self.store.rerun(job_id, self.owner)
+            except BaseException:
+                self._intake.release()
+                raise
+        if recording.cancelled_caught:
+            self._intake.release()
+            raise DatabaseUnavailable("queueing the job again")
+        if row is None:  # it changed meanwhile (another retry won)
+            self._intake.release()
+            current = await self.get_job(job_id)
+            raise JobNotRetryable(current or job, "it was retried or changed meanwhile")
+        if row["id"] in self.registry:  # the backlog scan found it first
+            self._intake.release()
+            return job_json(row)
+        handle = self._register(row, kind)
+        if not self._intake.hand_off(handle):
             self._intake.release()
             del self.registry[handle.id]
         return job_json(row)

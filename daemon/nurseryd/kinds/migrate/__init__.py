@@ -17,6 +17,7 @@ from ...errors import StartupError
 from ..base import JobContext, JobKind
 
 if TYPE_CHECKING:
+    from ...config import Settings
     from ...services import Services
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,12 @@ async def _run(ctx: JobContext) -> None:
     from .job import run_migration
 
     await run_migration(ctx)
+
+
+def _rerun_blocker(params: Mapping[str, Any], settings: Settings) -> str | None:
+    from .job import rerun_blocker
+
+    return rerun_blocker(params, settings)
 
 
 def _parse(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -40,6 +47,7 @@ MIGRATION_KIND = JobKind(
     parse_params=_parse,
     generic_endpoint=False,
     commits_progress=True,
+    rerun_blocker=_rerun_blocker,
     description="Import rows into a target table from an uploaded .xlsx (POST /migration/excel), "
                 "a configured database (POST /migration/database) or a Google Sheet "
                 "(POST /migration/google-sheets): coerce, reject, COPY, upsert, resumable.",

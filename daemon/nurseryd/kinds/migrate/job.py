@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...db.transient import is_transient
 from ..base import JobContext, JobFailed, ParamError
@@ -29,6 +29,9 @@ from .sources.base import Source
 from .sources.excel import ExcelSource
 from .targets import configured_targets, migration_settings
 from .uploads_dir import upload_path
+
+if TYPE_CHECKING:
+    from ...config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,22 @@ async def run_migration(ctx: JobContext) -> None:
     # Cancelled (by request, timeout or shutdown) is deliberately not handled here:
     # a shutdown requeues the job and it needs the file to resume; the sweep at
     # start and the periodic sweep remove files of jobs that ended cancelled.
+
+
+def rerun_blocker(params: Mapping[str, Any], settings: Settings) -> str | None:
+    """Why an ended migration cannot run again: an Excel import whose stored
+    upload is gone (removed when the job ended, or by the sweep). The other
+    sources read from where they live and can always resume."""
+    try:
+        parsed = parse_migration_params(params)
+    except ParamError as error:
+        return f"its params are no longer valid ({error})"
+    if not isinstance(parsed, ExcelImportParams):
+        return None
+    if upload_path(settings.state_dir, parsed.upload).is_file():
+        return None
+    return (f"its upload ({parsed.filename!r}) is gone: a workbook is removed once its import "
+            "ends; upload it again with POST /migration/excel")
 
 
 def _remove(path: Path | None) -> None:
