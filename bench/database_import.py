@@ -57,6 +57,35 @@ class PeakRss:
             await trio.sleep(interval)
 
 
+class CpuSeconds:
+    """CPU seconds spent by the daemon itself, by its finished children (the reader
+    process), and by the PostgreSQL server's processes: where the time of a run goes."""
+
+    def __init__(self, daemon_pid: int, server: PgServer) -> None:
+        self.daemon = psutil.Process(daemon_pid)
+        self.postmaster: psutil.Process | None = None
+        if server.pgdata is not None:
+            pid = int((Path(server.pgdata) / "postmaster.pid").read_text().split()[0])
+            self.postmaster = psutil.Process(pid)
+
+    def snapshot(self) -> tuple[float, float, float]:
+        times = self.daemon.cpu_times()
+        server = 0.0
+        if self.postmaster is not None:
+            for process in [self.postmaster, *self.postmaster.children(recursive=True)]:
+                try:
+                    server += sum(process.cpu_times()[:2])
+                except psutil.Error:
+                    pass  # a backend that just exited
+        return (times.user + times.system, times.children_user + times.children_system,
+                server)
+
+    @staticmethod
+    def spent(before: tuple[float, float, float], after: tuple[float, float, float]) -> str:
+        daemon, child, server = (b - a for a, b in zip(before, after, strict=True))
+        return f"CPU s: daemon {daemon:.1f}, reader child {child:.1f}, PostgreSQL ≥{server:.1f}"
+
+
 def fill_postgres(server: PgServer, database: str, rows: int) -> None:
     server.psql(PG_SCHEMA, database)
     step = 250_000
@@ -68,9 +97,11 @@ def fill_postgres(server: PgServer, database: str, rows: int) -> None:
 
 
 async def daemon_import(client: httpx.AsyncClient, server: PgServer, target_db: str,
-                        source: str, rss: PeakRss, rows: int) -> tuple[float, dict]:
+                        source: str, rss: PeakRss, rows: int,
+                        cpu: CpuSeconds | None = None) -> tuple[float, dict]:
     server.psql("TRUNCATE chats", target_db)
     rss.peak = 0
+    before = cpu.snapshot() if cpu else None
     started = time.perf_counter()
     response = await client.post("/migration/database", json={"source_identifier": source})
     response.raise_for_status()
@@ -86,6 +117,8 @@ async def daemon_import(client: httpx.AsyncClient, server: PgServer, target_db: 
     elapsed = time.perf_counter() - started
     if job["status"] != "completed" or job["processed"] != rows:
         raise SystemExit(f"{source}: {job['status']} {job['processed']}/{rows}: {job['error']}")
+    if cpu and before:
+        print(f"{source}: {elapsed:.2f} s; {cpu.spent(before, cpu.snapshot())}", flush=True)
     return elapsed, job
 
 
@@ -157,10 +190,12 @@ async def main() -> None:
         print("|---|---|---|---|---|")
         async with DaemonProcess.start(env) as daemon, daemon.client(timeout=30) as client:
             rss = PeakRss(daemon.process.pid)
+            cpu = CpuSeconds(daemon.process.pid, server)
             idle = rss.sample()
-            sqlite_s, _ = await daemon_import(client, server, target_db, "sqlite", rss, rows)
+            sqlite_s, _ = await daemon_import(client, server, target_db, "sqlite", rss, rows,
+                                              cpu)
             sqlite_rss = rss.peak
-            pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows)
+            pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows, cpu)
             pg_rss = rss.peak
         loader = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}", rows)
         ratio = f"{loader[0] / sqlite_s:.2f}×" if loader else "pgloader not installed"
