@@ -450,6 +450,25 @@ def test_error_classes() -> None:
     assert policy.delay(1, fraction=0) == 0.5 and policy.delay(10, fraction=0.999) < 10
 
 
+async def test_a_reconnected_session_with_other_columns_is_refused() -> None:
+    """The pipeline's COPY plan follows the first header: a later session (after a
+    reconnect) whose result has other columns must stop the job, not misplace rows."""
+    from nurseryd.kinds.migrate.sources import framing
+    from nurseryd.kinds.migrate.sources.database import Progress, _Relay
+
+    config = parse_sources({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"]}},
+                           {})["x"]
+    send, receive = trio.open_memory_channel[Any](5)
+    relay = _Relay(DatabaseSource(config), Progress(None, 0), send)
+    first = json.dumps({"columns": ["id", "name"], "ignored": []}).encode()
+    await relay.handle(framing.HEADER, first)
+    await relay.handle(framing.HEADER, first)  # the same layout again: fine, not re-sent
+    assert relay.failure is None and receive.statistics().current_buffer_used == 1
+    await relay.handle(framing.HEADER, json.dumps({"columns": ["id"], "ignored": []}).encode())
+    assert relay.failure is not None and "columns changed" in relay.failure.reason
+    assert relay.failure.kind == "source"
+
+
 @pytest.mark.parametrize(("toml", "key"), [
     ({"x": {"table": "t", "key": ["id"]}}, "sources.x.url"),
     ({"x": {"url": "mysql://h/db", "table": "t", "key": ["id"]}}, "sources.x.url"),

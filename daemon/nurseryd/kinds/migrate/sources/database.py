@@ -92,7 +92,7 @@ class Progress:
 
     after: list[Any] | None  # keys to continue after (None: from the start)
     done: int  # source rows consumed, committed or relayed
-    header_sent: bool = False
+    header: Header | None = None  # the one sent to the pipeline (the first session's)
     counted: bool = False
     finished: bool = False
     batches: int = 0  # relayed in this run
@@ -212,7 +212,7 @@ class _Relay:
     async def frames(self, process: trio.Process) -> None:
         assert process.stdout is not None
         buffer = bytearray()
-        async for data in process.stdout:
+        while data := await process.stdout.receive_some(READ_SIZE):
             buffer += data
             while len(buffer) >= framing.HEAD_SIZE:
                 try:
@@ -227,6 +227,10 @@ class _Relay:
                 body = bytes(buffer[framing.HEAD_SIZE:end])
                 del buffer[:end]
                 await self.handle(kind, body)
+                if self.failure is not None:  # nothing after an error is relayed
+                    if kind != framing.ERROR:  # our verdict, not the child's: stop it
+                        process.kill()
+                    return
 
     async def handle(self, kind: bytes, body: bytes) -> None:
         progress = self.progress
@@ -241,9 +245,16 @@ class _Relay:
             return
         value = json.loads(body)
         if kind == framing.HEADER:
-            if not progress.header_sent:  # a reconnected session matches it again
-                await self.send.send(Header(tuple(value["columns"]), tuple(value["ignored"])))
-                progress.header_sent = True
+            header = Header(tuple(value["columns"]), tuple(value["ignored"]))
+            if progress.header is None:
+                await self.send.send(header)
+                progress.header = header
+            elif header != progress.header:  # a reconnected session matched it again
+                # The pipeline's COPY plan is built for the first header: rows of another
+                # layout would land in the wrong columns.
+                name = self.source.config.name
+                self.failure = Failure("source", f"source {name}: its columns changed during "
+                                                 "the import (seen on reconnecting); run it again")
         elif kind == framing.TOTAL:
             progress.counted = True
             await self.send.send(Total(int(value["total"])))
