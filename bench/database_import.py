@@ -1,13 +1,15 @@
 """Database migration benchmark: 1,000,000 rows SQLite -> PostgreSQL and
 PostgreSQL -> PostgreSQL through the real daemon (HTTP trigger, job, pipeline),
-with pgloader loading the same SQLite file side by side when it is installed.
+with pgloader loading the same SQLite file before and after the daemon's imports when it
+is installed (the ratio is against the mean of its two runs).
 
 Run: ``.venv/bin/python bench/database_import.py [--rows N] [--batch-rows N]``.
 Starts its own PostgreSQL (the embedded pgserver build) in a temporary
 directory, or uses ``NURSERYD_TEST_DATABASE_URL``. Source data is generated
 server-side (see ``tests/source_dbs.py``): 14 columns, one of which the target
 lacks. Peak RSS is sampled every 20 ms from the daemon process (and from
-pgloader's process tree). The machine is shared and noisy: compare the ratio
+pgloader's process tree); CPU seconds of the daemon, its reader child and the PostgreSQL
+server show which process bounds a run. The machine is shared and noisy: compare the ratio
 measured in the same run, not absolute numbers.
 """
 
@@ -57,6 +59,35 @@ class PeakRss:
             await trio.sleep(interval)
 
 
+class CpuSeconds:
+    """CPU seconds spent by the daemon itself, by its finished children (the reader
+    process), and by the PostgreSQL server's processes: where the time of a run goes."""
+
+    def __init__(self, daemon_pid: int, server: PgServer) -> None:
+        self.daemon = psutil.Process(daemon_pid)
+        self.postmaster: psutil.Process | None = None
+        if server.pgdata is not None:
+            pid = int((Path(server.pgdata) / "postmaster.pid").read_text().split()[0])
+            self.postmaster = psutil.Process(pid)
+
+    def snapshot(self) -> tuple[float, float, float]:
+        times = self.daemon.cpu_times()
+        server = 0.0
+        if self.postmaster is not None:
+            for process in [self.postmaster, *self.postmaster.children(recursive=True)]:
+                try:
+                    server += sum(process.cpu_times()[:2])
+                except psutil.Error:
+                    pass  # a backend that just exited
+        return (times.user + times.system, times.children_user + times.children_system,
+                server)
+
+    @staticmethod
+    def spent(before: tuple[float, float, float], after: tuple[float, float, float]) -> str:
+        daemon, child, server = (b - a for a, b in zip(before, after, strict=True))
+        return f"CPU s: daemon {daemon:.1f}, reader child {child:.1f}, PostgreSQL ≥{server:.1f}"
+
+
 def fill_postgres(server: PgServer, database: str, rows: int) -> None:
     server.psql(PG_SCHEMA, database)
     step = 250_000
@@ -68,9 +99,11 @@ def fill_postgres(server: PgServer, database: str, rows: int) -> None:
 
 
 async def daemon_import(client: httpx.AsyncClient, server: PgServer, target_db: str,
-                        source: str, rss: PeakRss, rows: int) -> tuple[float, dict]:
+                        source: str, rss: PeakRss, rows: int,
+                        cpu: CpuSeconds | None = None) -> tuple[float, dict]:
     server.psql("TRUNCATE chats", target_db)
     rss.peak = 0
+    before = cpu.snapshot() if cpu else None
     started = time.perf_counter()
     response = await client.post("/migration/database", json={"source_identifier": source})
     response.raise_for_status()
@@ -86,6 +119,8 @@ async def daemon_import(client: httpx.AsyncClient, server: PgServer, target_db: 
     elapsed = time.perf_counter() - started
     if job["status"] != "completed" or job["processed"] != rows:
         raise SystemExit(f"{source}: {job['status']} {job['processed']}/{rows}: {job['error']}")
+    if cpu and before:
+        print(f"{source}: {elapsed:.2f} s; {cpu.spent(before, cpu.snapshot())}", flush=True)
     return elapsed, job
 
 
@@ -152,22 +187,30 @@ async def main() -> None:
             f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n')
         env = {"NURSERYD_DATABASE_URL": server.url(target_db),
                "NURSERYD_STATE_DIR": str(work / "state"), "NURSERYD_CONFIG": str(config)}
+        # pgloader runs before and after the daemon: on a shared machine the load
+        # changes within minutes, and the ratio is against the mean of the two.
+        first = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}_1", rows)
+        async with DaemonProcess.start(env) as daemon, daemon.client(timeout=30) as client:
+            rss = PeakRss(daemon.process.pid)
+            cpu = CpuSeconds(daemon.process.pid, server)
+            idle = rss.sample()
+            sqlite_s, _ = await daemon_import(client, server, target_db, "sqlite", rss, rows,
+                                              cpu)
+            sqlite_rss = rss.peak
+            pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows, cpu)
+            pg_rss = rss.peak
+        second = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}_2", rows)
         print(f"\n{rows:,} rows, batch_rows={args.batch_rows}\n")
         print("| load | time | rate | peak RSS | speed vs pgloader (same file, >1 = faster) |")
         print("|---|---|---|---|---|")
-        async with DaemonProcess.start(env) as daemon, daemon.client(timeout=30) as client:
-            rss = PeakRss(daemon.process.pid)
-            idle = rss.sample()
-            sqlite_s, _ = await daemon_import(client, server, target_db, "sqlite", rss, rows)
-            sqlite_rss = rss.peak
-            pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows)
-            pg_rss = rss.peak
-        loader = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}", rows)
-        ratio = f"{loader[0] / sqlite_s:.2f}×" if loader else "pgloader not installed"
+        loaders = [run for run in (first, second) if run is not None]
+        mean = sum(run[0] for run in loaders) / len(loaders) if loaders else None
+        ratio = f"{mean / sqlite_s:.2f}×" if mean else "pgloader not installed"
         line("nurseryd SQLite -> PG", sqlite_s, rows, sqlite_rss, ratio)
         line("nurseryd PG -> PG", pg_s, rows, pg_rss, "")
-        if loader:
-            line("pgloader SQLite -> PG", loader[0], rows, loader[1], "1×")
+        for when, run in zip(("before", "after"), (first, second), strict=True):
+            if run is not None and mean:
+                line(f"pgloader SQLite -> PG ({when})", run[0], rows, run[1], "")
         print(f"\ndaemon RSS idle before the imports: {idle / 1024**2:.0f} MB")
     finally:
         server.stop()

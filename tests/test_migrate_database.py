@@ -208,6 +208,53 @@ async def test_sqlite_cancel_interrupts_the_running_statement(target_db: Databas
     assert trio.current_time() - scope.deadline < 1.0
 
 
+async def test_reading_and_coercion_stay_out_of_the_daemons_process(
+        target_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop only relays COPY bytes: sqlite3 and the coercer are never
+    called in this process, yet every row arrives (from the reader child)."""
+    import os
+    import sqlite3
+
+    from nurseryd.kinds.migrate.coerce import RowCoercer
+
+    path = make_sqlite_source(tmp_path / "legacy.db", 20_000)
+    with sqlite3.connect(path) as conn:  # a reject: coerced (and numbered) in the child too
+        conn.execute("UPDATE chats SET message_count = 'many' WHERE chat_id = 100777")
+    settings = plain_settings(f"""
+        [sources.legacy]
+        url = "sqlite:///{path}"
+        table = "chats"
+        key = ["chat_id"]
+        batch_rows = 2000
+    """)
+
+    def in_this_process(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("source work on the daemon's event loop process")
+
+    monkeypatch.setattr(sqlite3, "connect", in_this_process)
+    monkeypatch.setattr(RowCoercer, "coerce_rows", in_this_process)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    source = source_for(settings, "legacy")
+    ticks = 0
+
+    async def ticker() -> None:  # another task of this loop, running all along
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.001)
+            ticks += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        result = await run(ctx, source)
+        nursery.cancel_scope.cancel()
+    assert ctx.counters == {"total": 20_000, "processed": 19_999, "failed": 1}
+    assert result["pages"] == 10 and ticks > 0
+    assert len(source.pids) == 1 and source.pids[0] != os.getpid()
+    reject = await target_db.fetchrow("SELECT row_number FROM migration_rejects "
+                                      "WHERE job_id = $1", ctx.job_id)
+    assert reject["row_number"] == 777
+
+
 # ------------------------------------------------------------ PostgreSQL -> PG
 
 
@@ -401,6 +448,25 @@ def test_error_classes() -> None:
                                   "retry_backoff_max_s": 10}}, {})["x"]
     policy = reconnect_policy(config)
     assert policy.delay(1, fraction=0) == 0.5 and policy.delay(10, fraction=0.999) < 10
+
+
+async def test_a_reconnected_session_with_other_columns_is_refused() -> None:
+    """The pipeline's COPY plan follows the first header: a later session (after a
+    reconnect) whose result has other columns must stop the job, not misplace rows."""
+    from nurseryd.kinds.migrate.sources import framing
+    from nurseryd.kinds.migrate.sources.database import Progress, _Relay
+
+    config = parse_sources({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"]}},
+                           {})["x"]
+    send, receive = trio.open_memory_channel[Any](5)
+    relay = _Relay(DatabaseSource(config), Progress(None, 0), send)
+    first = json.dumps({"columns": ["id", "name"], "ignored": []}).encode()
+    await relay.handle(framing.HEADER, first)
+    await relay.handle(framing.HEADER, first)  # the same layout again: fine, not re-sent
+    assert relay.failure is None and receive.statistics().current_buffer_used == 1
+    await relay.handle(framing.HEADER, json.dumps({"columns": ["id"], "ignored": []}).encode())
+    assert relay.failure is not None and "columns changed" in relay.failure.reason
+    assert relay.failure.kind == "source"
 
 
 @pytest.mark.parametrize(("toml", "key"), [

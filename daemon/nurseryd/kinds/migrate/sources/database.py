@@ -1,82 +1,58 @@
 """Rows from another database (PostgreSQL or SQLite), paged by key, resumable.
 
-Why keyset pages (``WHERE (key) > (last) ORDER BY key LIMIT n``) rather than
-one cursor: each page is a short statement, so nothing holds a transaction (or
-a snapshot, or locks) open on the source for the hours a big import may take,
-a dropped connection costs one page, and the last key of a committed batch is
-all a restarted job needs to continue: it is stored in the checkpoint the
-pipeline commits with the batch. Memory holds one page (plus the one the
-pipeline is writing), whatever the table's size.
+The reading and the coercion run in a child process (:mod:`.database_child`,
+readers in :mod:`.db_readers`); this side owns what belongs to the job: the
+resolved URL (secrets are read at job start), the reconnect policy and its
+back-off, the counters, and the child's lifetime. It relays the child's frames
+as the pipeline's events; a batch frame decodes to the one
+:class:`~.base.SourceBatch` with its COPY text a view, never parsed, so the
+daemon's event loop spends almost nothing per row (measured in
+``docs/benchmarks.md``: a worker thread could not get there, the interpreter
+lock is shared with the loop).
 
-PostgreSQL goes through asyncpg on trio-asyncio's loop, one asyncio coroutine
-per round trip (see ``db/database.py`` for why): a Trio cancellation becomes an
-asyncio cancellation inside ``conn.fetch``, and asyncpg sends a cancel request
-for the running statement to the source server before the connection is
-closed. The source is not the daemon's database, so this module opens its own
-connection (``application_name = nurseryd-migration``, read-only sessions).
+Reconnects: a child is one session and exits at its first error, saying
+whether it is transient (:func:`~nurseryd.db.transient.is_transient` decides, in
+the child). Here a transient failure waits the policy's back-off and starts a
+new child after the last batch relayed, so no row is read twice or skipped; a
+session that relayed batches before failing starts a fresh attempt count.
 
-SQLite runs in worker threads (``trio.to_thread``), one page per call; a
-cancellation interrupts the running statement (``sqlite3.Connection.interrupt``).
-
-Key values travel as text in the checkpoint: PostgreSQL renders them
-(``key::text``) and parses them back (``$1::text::keytype``), which round-trips
-every key type exactly without a JSON codec per type.
+Cancellation: the child runs under ``trio.run_process`` in this task's nursery;
+its ``deliver_cancel`` sends SIGTERM (the child cancels the running statement
+on a PostgreSQL source, or just ends on SQLite) and SIGKILL a second later.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import logging
-import sqlite3
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
-import asyncpg
-import outcome
 import trio
-import trio_asyncio
 
 from ....backoff import GaveUp, RetryPolicy, TryAgain, retry
-from ....db.quoting import quote_ident, quote_qualified
-from ....db.transient import is_transient
 from ..coerce import ColumnSpec
 from ..source_config import DatabaseSourceConfig, SecretMissing, sqlite_path
-from .base import Emitter, SourceError, SourceEvent
+from . import framing
+from .base import Header, SourceError, SourceEvent, Total
+from .db_readers import APPLICATION_NAME, ErrorClass, classify_pg_error, classify_sqlite_error
+
+__all__ = ["APPLICATION_NAME", "DatabaseSource", "ErrorClass", "classify_pg_error",
+           "classify_sqlite_error", "reconnect_policy"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-APPLICATION_NAME = "nurseryd-migration"
-
-
-class ErrorClass(Enum):
-    TRANSIENT = "transient"  # reconnect after a back-off
-    FATAL = "fatal"  # fail the job now, no retry loop
-
-
-_PG_FATAL_CONNECT = (asyncpg.InvalidAuthorizationSpecificationError,  # auth, unknown role
-                     asyncpg.InvalidCatalogNameError)  # no such database
-
-
-def classify_pg_error(error: BaseException) -> ErrorClass:
-    """What an asyncpg/socket error means for the job (pure: tested with values)."""
-    if isinstance(error, _PG_FATAL_CONNECT):
-        return ErrorClass.FATAL
-    return ErrorClass.TRANSIENT if is_transient(error) else ErrorClass.FATAL
-
-
-_SQLITE_TRANSIENT_WORDS = ("unable to open", "database is locked", "disk i/o error")
-
-
-def classify_sqlite_error(error: BaseException) -> ErrorClass:
-    if isinstance(error, sqlite3.OperationalError) and any(
-            word in str(error).lower() for word in _SQLITE_TRANSIENT_WORDS):
-        return ErrorClass.TRANSIENT
-    if isinstance(error, OSError):
-        return ErrorClass.TRANSIENT
-    return ErrorClass.FATAL
+CHILD_MODULE = "nurseryd.kinds.migrate.sources.database_child"
+READ_SIZE = 1024 * 1024
+STDERR_KEEP = 8 * 1024
+#: How long a child may take to stop after SIGTERM (cancel its statement, close).
+TERM_GRACE_S = 1.0
 
 
 def reconnect_policy(config: DatabaseSourceConfig) -> RetryPolicy:
@@ -89,248 +65,45 @@ def reconnect_policy(config: DatabaseSourceConfig) -> RetryPolicy:
                        config.retry_backoff_max_s, jitter_floor=0.5)
 
 
-def describe_error(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return f"{type(error).__name__}: {text}" if isinstance(error, OSError) else text
+async def _stop(process: trio.Process) -> None:
+    """``deliver_cancel``: ask the child to stop, then make sure it does."""
+    process.terminate()
+    with trio.move_on_after(TERM_GRACE_S):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+
+
+def child_command() -> list[str]:
+    return [sys.executable, "-s", "-m", CHILD_MODULE]
+
+
+def child_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    import nurseryd
+
+    env["PYTHONPATH"] = str(Path(nurseryd.__file__).resolve().parent.parent)
+    return env
 
 
 @dataclass
-class Page:
-    rows: list[Sequence[Any]]
-    last_key: list[Any]  # JSON values: resume after this key
+class Progress:
+    """Where the stream stands, across the sessions (children) of one run."""
+
+    after: list[Any] | None  # keys to continue after (None: from the start)
+    done: int  # source rows consumed, committed or relayed
+    header: Header | None = None  # the one sent to the pipeline (the first session's)
+    counted: bool = False
+    finished: bool = False
+    batches: int = 0  # relayed in this run
 
 
-class Backend:
-    """One source database connection: what :class:`DatabaseSource` drives."""
+@dataclass
+class Failure:
+    """A session's end by error, as the child classified it."""
 
-    kind: str
-    config: DatabaseSourceConfig
-    conn: Any = None  # the open connection, None while disconnected
-
-    def classify(self, error: BaseException) -> ErrorClass:
-        raise NotImplementedError
-
-    async def connect(self) -> None:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-    async def columns(self) -> list[str]:
-        raise NotImplementedError
-
-    async def count(self) -> int:
-        raise NotImplementedError
-
-    async def page(self, after: list[Any] | None, limit: int) -> Page:
-        raise NotImplementedError
-
-    def base_sql(self) -> str:
-        config = self.config
-        if config.query is not None:
-            return f"({config.query})"
-        return quote_qualified(*(config.table or "").split("."))
-
-
-# ------------------------------------------------------------------- PostgreSQL
-
-
-async def _pg_connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(
-        url, timeout=3600,  # the Trio cancel scope around this call is the real limit
-        server_settings={"application_name": APPLICATION_NAME,
-                         "default_transaction_read_only": "on"})
-
-
-async def _pg_attributes(conn: asyncpg.Connection, sql: str) -> list[tuple[str, str]]:
-    statement = await conn.prepare(sql)
-    return [(a.name, quote_qualified(a.type.schema, a.type.name))
-            for a in statement.get_attributes()]
-
-
-async def _pg_fetch(conn: asyncpg.Connection, sql: str, args: Sequence[Any]) -> list[Any]:
-    return await conn.fetch(sql, *args)
-
-
-async def _pg_fetchval(conn: asyncpg.Connection, sql: str) -> Any:
-    return await conn.fetchval(sql)
-
-
-class PostgresBackend(Backend):
-    kind = "postgresql"
-
-    def __init__(self, config: DatabaseSourceConfig, url: str) -> None:
-        self.config = config
-        self.url = url
-        self.conn: asyncpg.Connection | None = None
-        self.key_names: list[str] = []
-        self.key_types: list[str] = []
-        self.width = 0
-
-    def classify(self, error: BaseException) -> ErrorClass:
-        return classify_pg_error(error)
-
-    async def connect(self) -> None:
-        with trio.fail_after(self.config.connect_timeout_s):
-            self.conn = await trio_asyncio.aio_as_trio(_pg_connect)(self.url)
-
-    async def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return
-        with trio.CancelScope(shield=True), trio.move_on_after(5) as scope:
-            try:
-                await trio_asyncio.aio_as_trio(conn.close)()
-            except Exception as error:  # a dead connection: nothing left to close
-                log.debug("closing source connection: %s", error)
-        if scope.cancelled_caught:
-            conn.terminate()
-
-    def _conn(self) -> asyncpg.Connection:
-        if self.conn is None:
-            raise asyncpg.InterfaceError("connection is closed")
-        return self.conn
-
-    async def columns(self) -> list[str]:
-        attributes = await trio_asyncio.aio_as_trio(_pg_attributes)(
-            self._conn(), f"SELECT * FROM {self.base_sql()} AS s LIMIT 0")
-        names = [name for name, _ in attributes]
-        types = dict(attributes)
-        self.width = len(names)
-        self.key_names = resolve_keys(self.config, names)
-        self.key_types = [types[name] for name in self.key_names]
-        return names
-
-    async def count(self) -> int:
-        return int(await trio_asyncio.aio_as_trio(_pg_fetchval)(
-            self._conn(), f"SELECT count(*) FROM {self.base_sql()} AS s"))
-
-    def page_sql(self, resuming: bool) -> str:
-        keys = [f"s.{quote_ident(name)}" for name in self.key_names]
-        texts = ", ".join(f"{key}::text" for key in keys)
-        where = ""
-        if resuming:
-            casts = ", ".join(f"${i}::text::{kind}"
-                              for i, kind in enumerate(self.key_types, 1))
-            where = f" WHERE ({', '.join(keys)}) > ({casts})"
-        limit = f"${len(self.key_names) + 1}" if resuming else "$1"
-        return (f"SELECT s.*, {texts} FROM {self.base_sql()} AS s{where} "
-                f"ORDER BY {', '.join(keys)} LIMIT {limit}")
-
-    async def page(self, after: list[Any] | None, limit: int) -> Page:
-        args = [*after, limit] if after is not None else [limit]
-        rows = await trio_asyncio.aio_as_trio(_pg_fetch)(
-            self._conn(), self.page_sql(after is not None), args)
-        if not rows:
-            return Page([], after or [])
-        last = rows[-1]
-        return Page(rows, [last[self.width + i] for i in range(len(self.key_names))])
-
-
-# ----------------------------------------------------------------------- SQLite
-
-
-class SqliteBackend(Backend):
-    """stdlib sqlite3, read-only, every call in a worker thread."""
-
-    kind = "sqlite"
-
-    def __init__(self, config: DatabaseSourceConfig, url: str) -> None:
-        self.config = config
-        self.path = sqlite_path(url)
-        self.conn: sqlite3.Connection | None = None
-        self.key_names: list[str] = []
-        self.key_positions: list[int] = []
-
-    def classify(self, error: BaseException) -> ErrorClass:
-        return classify_sqlite_error(error)
-
-    def _open(self) -> sqlite3.Connection:
-        if not self.path.exists():  # mode=ro would say only "unable to open database file"
-            raise sqlite3.OperationalError(f"unable to open database file {self.path}: "
-                                           "no such file")
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
-                               check_same_thread=False, timeout=5)
-        conn.execute("PRAGMA query_only = ON")
-        return conn
-
-    async def connect(self) -> None:
-        self.conn = await trio.to_thread.run_sync(self._open)
-
-    async def close(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(conn.close)
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn(conn)`` in a thread; a Trio cancellation interrupts the statement."""
-        conn = self.conn
-        if conn is None:
-            raise sqlite3.OperationalError("unable to open database: connection closed")
-        finished = False
-
-        async def interrupt_on_cancel() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                if not finished:
-                    conn.interrupt()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(interrupt_on_cancel)
-            # Captured so that an error of the statement leaves the nursery as itself,
-            # not wrapped in an exception group.
-            result = await outcome.acapture(trio.to_thread.run_sync, fn, conn)
-            finished = True
-            nursery.cancel_scope.cancel()
-        return result.unwrap()
-
-    async def columns(self) -> list[str]:
-        sql = f"SELECT * FROM {self.base_sql()} AS s LIMIT 0"
-        names = await self._call(lambda conn: [d[0] for d in conn.execute(sql).description])
-        self.key_names = resolve_keys(self.config, names)
-        self.key_positions = [names.index(name) for name in self.key_names]
-        return names
-
-    async def count(self) -> int:
-        sql = f"SELECT count(*) FROM {self.base_sql()} AS s"
-        return int(await self._call(lambda conn: conn.execute(sql).fetchone()[0]))
-
-    async def page(self, after: list[Any] | None, limit: int) -> Page:
-        keys = [f"s.{quote_ident(name)}" for name in self.key_names]
-        where = ""
-        if after is not None:
-            where = f" WHERE ({', '.join(keys)}) > ({', '.join('?' * len(keys))})"
-        sql = (f"SELECT s.* FROM {self.base_sql()} AS s{where} ORDER BY {', '.join(keys)} "
-               f"LIMIT ?")
-        args = [*(after or []), limit]
-        rows = await self._call(lambda conn: conn.execute(sql, args).fetchall())
-        if not rows:
-            return Page([], after or [])
-        last = rows[-1]
-        key = [last[i] for i in self.key_positions]
-        if any(isinstance(value, bytes | bytearray) for value in key):
-            raise SourceError(f"source {self.config.name}: BLOB key columns cannot be used for "
-                              "keyset paging; pick a text or integer key")
-        return Page(rows, key)
-
-
-def resolve_keys(config: DatabaseSourceConfig, names: Sequence[str]) -> list[str]:
-    """The configured key columns as the result spells them (case-insensitive match)."""
-    exact = {name: name for name in names}
-    folded = {name.casefold(): name for name in names}
-    found: list[str] = []
-    for key in config.key:
-        name = exact.get(key) or folded.get(key.casefold())
-        if name is None:
-            raise SourceError(f"source {config.name}: key column {key!r} is not in the result "
-                              f"(columns: {', '.join(names)}); fix [sources.{config.name}].key")
-        found.append(name)
-    return found
-
-
-# ------------------------------------------------------------------------ source
+    kind: str  # "transient", "fatal", "source" (the user's to fix, already worded)
+    reason: str
 
 
 @dataclass
@@ -342,98 +115,160 @@ class DatabaseSource:
     #: Injected by tests to watch back-off decisions; real runs sleep.
     sleep: Callable[[float], Awaitable[None]] = trio.sleep
     stats: dict[str, Any] = field(default_factory=lambda: {"pages": 0, "reconnects": 0})
-    _backend: Backend | None = None
+    kind: str | None = None
+    #: Every reader child's pid, in order (for logs and tests).
+    pids: list[int] = field(default_factory=list)
 
-    def _make_backend(self) -> Backend:
+    def _spec(self) -> dict[str, Any]:
+        """The child's spec, without the position (added per session)."""
         try:
             url = self.config.resolve_url()
-            if url.startswith("sqlite:///"):
-                return SqliteBackend(self.config, url)
+            path = str(sqlite_path(url).resolve()) if url.startswith("sqlite:///") else None
         except (SecretMissing, ValueError) as error:
             raise SourceError(str(error)) from None
-        return PostgresBackend(self.config, url)
+        self.kind = "sqlite" if path is not None else "postgresql"
+        config = self.config
+        return {"name": config.name, "kind": self.kind, "url": url, "sqlite_path": path,
+                "table": config.table, "query": config.query, "key": list(config.key),
+                "batch_rows": config.batch_rows, "connect_timeout_s": config.connect_timeout_s}
 
-    async def _attempt(self, backend: Backend, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run ``operation`` (connecting first if needed), reconnecting after transient
-        errors with back-off; the attempt count restarts after every success."""
-        where = f"source {self.config.name} ({backend.kind})"
+    async def run(self, columns: Sequence[ColumnSpec], resume: Any,
+                  send: trio.MemorySendChannel[SourceEvent]) -> None:
+        spec = {**self._spec(), "columns": [asdict(column) for column in columns]}
+        progress = Progress(*_resume_point(resume))
+        where = f"source {self.config.name} ({self.kind})"
+        policy = reconnect_policy(self.config)
 
-        async def attempt(number: int) -> T:
-            try:
-                if backend.conn is None:
-                    await backend.connect()
-                return await operation()
-            except SourceError:
-                raise
-            except Exception as error:
-                await backend.close()
-                # An error caused by our own cancellation (SQLite's "interrupted") is
-                # not the source's fault: let the cancellation through instead.
-                await trio.lowlevel.checkpoint_if_cancelled()
-                if isinstance(error, trio.TooSlowError):
-                    reason = f"no connection within {self.config.connect_timeout_s:g} s"
-                else:
-                    reason = describe_error(error)
-                if backend.classify(error) is ErrorClass.FATAL:
-                    raise SourceError(f"{where}: {reason}") from None
-                raise TryAgain(reason) from None
+        async def attempt(number: int) -> Failure | None:
+            before = progress.batches
+            failure = await self._session(spec, progress, send)
+            if failure is None:
+                return None
+            if failure.kind == "source":
+                raise SourceError(failure.reason)
+            if failure.kind != "transient":
+                raise SourceError(f"{where}: {failure.reason}")
+            if progress.batches > before:
+                return failure  # it got somewhere: a fresh attempt count
+            raise TryAgain(failure.reason)
 
         def reconnecting(number: int, delay: float, failure: TryAgain) -> None:
             log.warning("%s: %s; retrying in %.1f s (attempt %d of %d)", where, failure.reason,
                         delay, number + 1, self.config.connect_attempts)
             self.stats["reconnects"] += 1
 
-        try:
-            return await retry(reconnect_policy(self.config), attempt, on_retry=reconnecting,
-                               sleep=self.sleep)
-        except GaveUp as gave_up:
-            raise SourceError(f"{where} unreachable after {gave_up.attempts} attempts: "
-                              f"{gave_up.reason}") from None
-
-    async def run(self, columns: Sequence[ColumnSpec], resume: Any,
-                  send: trio.MemorySendChannel[SourceEvent]) -> None:
-        backend = self._backend = self._make_backend()
-        try:
-            await self._stream(backend, columns, resume, send)
-        finally:
-            await backend.close()
-
-    async def _stream(self, backend: Backend, columns: Sequence[ColumnSpec], resume: Any,
-                      send: trio.MemorySendChannel[SourceEvent]) -> None:
-        names = await self._attempt(backend, backend.columns)
-        emit = Emitter(columns, send, where=f"source {self.config.name}")
-        await emit.send_header(names)
-        await emit.send_total(await self._attempt(backend, backend.count))
-        after, done = _resume_point(resume)
-        limit = self.config.batch_rows
         while True:
-            page = await self._attempt(backend, functools.partial(backend.page, after, limit))
-            if not page.rows:
+            try:
+                lost = await retry(policy, attempt, on_retry=reconnecting, sleep=self.sleep)
+            except GaveUp as gave_up:
+                raise SourceError(f"{where} unreachable after {gave_up.attempts} attempts: "
+                                  f"{gave_up.reason}") from None
+            if lost is None:
                 return
-            if any(value is None for value in page.last_key):
-                null_keys = [n for n, v in zip(backend_keys(backend), page.last_key,
-                                               strict=True) if v is None]
-                raise SourceError(f"source {self.config.name}: key column(s) "
-                                  f"{', '.join(null_keys)} hold NULL; keyset paging needs "
-                                  "non-null keys")
-            self.stats["pages"] += 1
-            numbered = [(done + index, row) for index, row in enumerate(page.rows, 1)]
-            done += len(page.rows)
-            after = page.last_key
-            # Coerced in a worker thread (the emitter's default). A page ahead was
-            # measured too: no gain (the GIL), a third more memory.
-            await emit.send_rows(numbered, {"after": after, "rows": done})
-            if len(page.rows) < limit:
-                return
+            # Lost mid-stream after progress: back off as after a first failed attempt.
+            delay = policy.delay(1)
+            if delay is None:
+                raise SourceError(f"{where} unreachable after 1 attempts: {lost.reason}")
+            reconnecting(1, delay, TryAgain(lost.reason))
+            await self.sleep(delay)
+
+    async def _session(self, spec: dict[str, Any], progress: Progress,
+                       send: trio.MemorySendChannel[SourceEvent]) -> Failure | None:
+        """One child from the current position to its end; None when the stream is done."""
+        body = json.dumps({**spec, "after": progress.after, "done": progress.done,
+                           "count": not progress.counted}).encode()
+        relay = _Relay(self, progress, send)
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(
+                trio.run_process, child_command(), stdin=body, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, check=False, deliver_cancel=_stop, env=child_env()))
+            self.pids.append(process.pid)
+            nursery.start_soon(relay.drain_stderr, process)
+            await relay.frames(process)
+            await process.wait()
+        if relay.failure is not None:
+            return relay.failure
+        if progress.finished:
+            return None
+        tail = relay.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        said = f" (it said: {tail[0][:300]})" if tail else ""
+        return Failure("fatal", f"the reader process exited with code {process.returncode} "
+                                f"before finishing{said}")
 
     def describe(self) -> dict[str, Any]:
-        backend = self._backend
-        return {**self.config.describe(),
-                "database": backend.kind if backend else None, **self.stats}
+        return {**self.config.describe(), "database": self.kind, **self.stats}
 
 
-def backend_keys(backend: Backend) -> list[str]:
-    return list(getattr(backend, "key_names", []))
+@dataclass
+class _Relay:
+    """Reads one child's frames and passes them on as the pipeline's events."""
+
+    source: DatabaseSource
+    progress: Progress
+    send: trio.MemorySendChannel[SourceEvent]
+    failure: Failure | None = None
+    stderr: bytearray = field(default_factory=bytearray)
+
+    async def frames(self, process: trio.Process) -> None:
+        assert process.stdout is not None
+        buffer = bytearray()
+        while data := await process.stdout.receive_some(READ_SIZE):
+            buffer += data
+            while len(buffer) >= framing.HEAD_SIZE:
+                try:
+                    kind, length = framing.decode_head(buffer)
+                except ValueError as error:
+                    self.failure = Failure("fatal", f"the reader sent malformed output ({error})")
+                    process.kill()
+                    return
+                end = framing.HEAD_SIZE + length
+                if len(buffer) < end:
+                    break
+                body = bytes(buffer[framing.HEAD_SIZE:end])
+                del buffer[:end]
+                await self.handle(kind, body)
+                if self.failure is not None:  # nothing after an error is relayed
+                    if kind != framing.ERROR:  # our verdict, not the child's: stop it
+                        process.kill()
+                    return
+
+    async def handle(self, kind: bytes, body: bytes) -> None:
+        progress = self.progress
+        if kind == framing.BATCH:
+            batch = framing.decode_batch(body)
+            await self.send.send(batch)
+            # Relayed: a new session continues after it, whatever happens next.
+            progress.after = list(batch.position["after"])
+            progress.done = int(batch.position["rows"])
+            progress.batches += 1
+            self.source.stats["pages"] += 1
+            return
+        value = json.loads(body)
+        if kind == framing.HEADER:
+            header = Header(tuple(value["columns"]), tuple(value["ignored"]))
+            if progress.header is None:
+                await self.send.send(header)
+                progress.header = header
+            elif header != progress.header:  # a reconnected session matched it again
+                # The pipeline's COPY plan is built for the first header: rows of another
+                # layout would land in the wrong columns.
+                name = self.source.config.name
+                self.failure = Failure("source", f"source {name}: its columns changed during "
+                                                 "the import (seen on reconnecting); run it again")
+        elif kind == framing.TOTAL:
+            progress.counted = True
+            await self.send.send(Total(int(value["total"])))
+        elif kind == framing.ERROR:
+            self.failure = Failure(str(value["kind"]), str(value["reason"]))
+        elif kind == framing.DONE:
+            progress.finished = True
+
+    async def drain_stderr(self, process: trio.Process) -> None:
+        assert process.stderr is not None
+        async for chunk in process.stderr:
+            self.stderr += chunk
+            if len(self.stderr) > STDERR_KEEP:
+                del self.stderr[:-STDERR_KEEP]
 
 
 def _resume_point(resume: Any) -> tuple[list[Any] | None, int]:
@@ -441,4 +276,3 @@ def _resume_point(resume: Any) -> tuple[list[Any] | None, int]:
     if isinstance(resume, dict) and isinstance(resume.get("after"), list):
         return list(resume["after"]), int(resume.get("rows") or 0)
     return None, 0
-

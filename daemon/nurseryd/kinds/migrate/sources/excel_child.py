@@ -38,10 +38,9 @@ from ..xlsx_checks import ParseCaps, WorkbookInfo, WorkbookRejected, inspect_wor
 from . import framing
 from .base import Emitter, SourceError
 from .calamine_stream import CHUNK_BYTES, ChunkedRows
+from .framing import Output
 from .sheet_chunks import NotSplittable
 
-F_SETPIPE_SZ = 1031
-PIPE_BYTES = 1024 * 1024
 #: The reader name of python-calamine slice by slice (the default).
 STREAM_READER = "calamine-stream"
 #: Interpreter + python-calamine + our modules, measured at ~20 MiB RSS; address
@@ -88,29 +87,6 @@ def open_rows(path: str, info: WorkbookInfo, configured: str, budget: int, *,
     if reader == "calamine":
         return reader, *calamine_rows(path, info)
     return reader, *openpyxl_rows(path, info)
-
-
-class Output:
-    """Frames to fd 1, written fully (blocking: the pipe is our backpressure)."""
-
-    def __init__(self, fd: int = 1) -> None:
-        self.fd = fd
-        try:
-            import fcntl
-
-            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
-        except (OSError, ImportError):
-            pass  # not a pipe (tests may use a file), or not Linux
-
-    def write(self, *pieces: bytes) -> None:
-        for piece in pieces:
-            view = memoryview(piece)
-            while view:
-                written = os.write(self.fd, view)
-                view = view[written:]
-
-    def send(self, kind: bytes, value: Any) -> None:
-        self.write(framing.encode(kind, value))
 
 
 def _blank(row: Sequence[Any]) -> bool:

@@ -1,4 +1,6 @@
-"""The wire format between the Excel parser child and the daemon.
+"""The wire format between a source's child process and the daemon.
+
+The children: the Excel parser and the database reader.
 
 Each frame is ``kind (1 byte) | length (4 bytes, big endian) | body``. Control
 frames carry JSON; a batch frame carries a :class:`~.base.SourceBatch`, the one
@@ -10,6 +12,7 @@ decoding it (and never unpickles anything a parser of hostile files produced).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any
 
@@ -28,6 +31,8 @@ _META = struct.Struct(">I")
 HEAD_SIZE = _HEAD.size
 #: A frame larger than this is a protocol error (a batch of 5000 wide rows is ~2 MB).
 MAX_FRAME = 256 * 1024**2
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1024 * 1024
 
 
 def encode(kind: bytes, value: Any) -> bytes:
@@ -62,3 +67,26 @@ def decode_batch(body: bytes | bytearray | memoryview) -> SourceBatch:
     return SourceBatch(payload=view[_META.size + meta_length:], written=int(meta["written"]),
                        rows_seen=int(meta["rows_seen"]), rejects=rejects,
                        position=meta["position"])
+
+
+class Output:
+    """Frames to fd 1, written fully (blocking: the pipe is our backpressure)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.fd = fd
+        try:
+            import fcntl
+
+            fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+        except (OSError, ImportError):
+            pass  # not a pipe (tests may use a file), or not Linux
+
+    def write(self, *pieces: bytes) -> None:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+
+    def send(self, kind: bytes, value: Any) -> None:
+        self.write(encode(kind, value))
