@@ -76,3 +76,14 @@ async def upsert_items(db: Database, source: str, rows_json: Sequence[str]) -> U
         return UpsertCounts()
     row = await db.run(_upsert, source, "[" + ",".join(rows_json) + "]")
     return UpsertCounts(new=row["new"], updated=row["updated"], unchanged=row["unchanged"])
+
+
+async def delete_unseen_before(db: Database, older_than_s: float, limit: int) -> int:
+    """Delete up to ``limit`` items no fetch has seen for ``older_than_s`` seconds
+    (their source dropped them, or the source is gone); returns how many. Bounded
+    like every retention statement: one sweep never holds a long lock."""
+    status = await db.execute(
+        "DELETE FROM items WHERE ctid IN (SELECT ctid FROM items"
+        " WHERE last_seen_at < now() - make_interval(secs => $1) LIMIT $2)",
+        older_than_s, limit)
+    return int(status.split()[-1]) if status else 0
