@@ -319,3 +319,43 @@ def test_a_batch_crosses_the_pipe_as_itself() -> None:
     assert bytes(again.payload) == batch.payload
     assert (again.written, again.rows_seen, again.rejects, again.position) == \
         (batch.written, batch.rows_seen, batch.rejects, batch.position)
+
+
+async def test_batches_of_wide_rows_are_bounded_by_bytes_not_only_rows(
+    db: Database, tmp_path: Path
+) -> None:
+    """Rows of ~20 KB each with batch_rows far above what fits: every batch's COPY
+    text stays near batch_bytes (the first is small, later ones adapt), and every
+    row still lands exactly once."""
+    from nurseryd.kinds.migrate.sources.base import SourceBatch
+    from nurseryd.kinds.migrate.sources.excel_child import FIRST_BATCH_ROWS
+
+    rows = [xf.chat_row(i) for i in range(1, 401)]
+    for row in rows:
+        row[11] = "x" * 20_000  # the long text column
+    path = xf.write_xlsxwriter(tmp_path / "wide.xlsx", rows)
+    target_bytes = 256 * 1024
+    settings = MigrationSettings(batch_rows=5000, batch_bytes=target_bytes)
+    source = ExcelSource(path, None, settings)
+    send, receive = trio.open_memory_channel(100)
+    sizes: list[tuple[int, int]] = []
+    async with trio.open_nursery() as nursery:
+        async def read_all() -> None:
+            async with send:
+                await source.run(CHATS_TARGET.columns, None, send)
+
+        nursery.start_soon(read_all)
+        async with receive:
+            async for event in receive:
+                if isinstance(event, SourceBatch):
+                    sizes.append((event.rows_seen, len(event.payload)))
+    assert sizes[0][0] == FIRST_BATCH_ROWS
+    assert sum(rows_seen for rows_seen, _ in sizes) == 400
+    # One batch may overshoot while it learns the row size; none grows past twice it.
+    assert max(payload for _, payload in sizes) < 2 * FIRST_BATCH_ROWS * 21_000
+    assert all(payload <= 2 * target_bytes for _, payload in sizes[1:])
+    _, result = await migrate(db, path, settings=MigrationSettings(batch_rows=5000,
+                                                                     batch_bytes=target_bytes))
+    assert result["rows"] == 400 and result["rejected"] == 0
+    assert await db.fetchval("SELECT count(*) FROM chats WHERE length(last_message) = 20000") \
+        == 400

@@ -78,6 +78,10 @@ class MigrationSettings:
     memory_budget_bytes: int = 1024 * 1024**2
     parse_timeout_s: float = 1800.0
     batch_rows: int = 5000
+    #: A batch's COPY text stops growing past about this many bytes (fewer rows
+    #: then): what crosses the pipe and waits in the pipeline is bounded by bytes
+    #: too, not only by rows, whatever a hostile file puts in its cells.
+    batch_bytes: int = 8 * 1024**2
     timezone: str = "UTC"
     #: "auto" (python-calamine slice by slice; a sheet that cannot be cut: calamine
     #: whole when it fits the budget, else openpyxl), "calamine-stream",
@@ -203,8 +207,8 @@ def parse_targets(raw: Any, whole: Mapping[str, Any]) -> dict[str, Target]:
 
 _MIGRATION_KEYS = {
     "default_target", "max_upload_bytes", "memory_budget_mb", "parse_timeout_s", "batch_rows",
-    "timezone", "reader", "max_entry_bytes", "max_total_bytes", "max_compression_ratio",
-    "max_rows", "max_columns", "slice_bytes", "max_stored_rejects",
+    "batch_bytes", "timezone", "reader", "max_entry_bytes", "max_total_bytes",
+    "max_compression_ratio", "max_rows", "max_columns", "slice_bytes", "max_stored_rejects",
 }
 
 
@@ -262,6 +266,9 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
         parse_timeout_s=timeout,
         batch_rows=parse_positive_int("migration.batch_rows",
                                       raw.get("batch_rows", base.batch_rows), minimum=1),
+        batch_bytes=parse_positive_int("migration.batch_bytes",
+                                       raw.get("batch_bytes", base.batch_bytes),
+                                       minimum=64 * 1024),
         timezone=str(timezone),
         reader=str(reader),
         slice_bytes=parse_positive_int("migration.slice_bytes",

@@ -82,6 +82,7 @@ class ExcelSource:
             "path": str(self.path), "sheet": self.sheet,
             "columns": [asdict(column) for column in columns],
             "caps": asdict(self.settings.caps), "batch_rows": self.settings.batch_rows,
+            "batch_bytes": self.settings.batch_bytes,
             "memory_bytes": self.settings.memory_budget_bytes,
             "cpu_seconds": self.settings.parse_timeout_s,
             "reader": self.settings.reader, "slice_bytes": self.settings.slice_bytes,

@@ -119,6 +119,35 @@ def openpyxl_rows(path: str, info: WorkbookInfo) -> tuple[Iterator[tuple[int, An
     return enumerate(sheet.iter_rows(min_row=1, values_only=True), 1), None
 
 
+DEFAULT_BATCH_BYTES = 8 * 1024**2
+#: The first batch takes at most this many rows, before any row's size is known.
+FIRST_BATCH_ROWS = 100
+
+
+class BatchSize:
+    """How many rows the next batch takes: at most ``batch_rows``, and about
+    ``batch_bytes`` of COPY text.
+
+    Rows are cut by count (the pipeline's checkpoints count rows), but a count
+    alone lets a batch of wide rows grow to hundreds of MiB on both sides of the
+    pipe. The first batch is small; each batch's bytes per row then set the next
+    count, halving on a batch over the target, doubling back towards
+    ``batch_rows`` while they stay well under it.
+    """
+
+    def __init__(self, batch_rows: int, batch_bytes: int) -> None:
+        self.limit = batch_rows
+        self.target = batch_bytes
+        self.rows = min(batch_rows, FIRST_BATCH_ROWS)
+
+    def saw(self, rows: int, payload_bytes: int) -> None:
+        if payload_bytes > self.target:
+            fitting = rows * self.target // payload_bytes
+            self.rows = max(1, min(fitting, rows // 2 or 1))
+        elif payload_bytes * 2 < self.target:
+            self.rows = min(self.limit, max(self.rows, rows) * 2)
+
+
 def run(spec: dict[str, Any], out: Output) -> None:
     caps = ParseCaps(**spec["caps"])
     columns = [ColumnSpec(name=c["name"], type=c["type"], nullable=c["nullable"],
@@ -156,8 +185,9 @@ def run(spec: dict[str, Any], out: Output) -> None:
     if isinstance(rows, ChunkedRows):
         rows.skip_through(start_after)
     parent = os.getppid()
+    size = BatchSize(batch_rows, int(spec.get("batch_bytes") or DEFAULT_BATCH_BYTES))
     # islice takes a batch in C: a Python loop over 155k rows cost ~0.15 s here.
-    while pending := list(itertools.islice(rows, batch_rows)):
+    while pending := list(itertools.islice(rows, size.rows)):
         if os.getppid() != parent:
             raise BrokenPipeError("the daemon is gone")  # SIGKILLed: stop parsing for nobody
         if pending[-1][0] > max_row:
@@ -169,6 +199,7 @@ def run(spec: dict[str, Any], out: Output) -> None:
             if not pending:
                 continue
         batch = emit.batch(pending, last_seen)
+        size.saw(len(pending), len(batch.payload))
         out.write(*framing.encode_batch(batch))
         del pending, batch
     out.send(framing.DONE, {"last_row": last_seen})
