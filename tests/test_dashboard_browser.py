@@ -97,6 +97,10 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
     csv = Path(download.value.path()).read_text()
     assert csv.splitlines()[0] == "row,column,reason,values" and "message_count" in csv
 
+    # "Fetch now" posts JSON the API takes: with no source configured, its 409 says so.
+    page.click("#fetch-now")
+    page.locator("#message").filter(has_text="no fetch sources are configured").wait_for()
+
 
 async def test_watch_a_job_cancel_it_and_upload_a_workbook(database_url: str, state_dir: Path,
                                                            tmp_path: Path) -> None:

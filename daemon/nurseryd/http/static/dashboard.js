@@ -3,7 +3,7 @@
 "use strict";
 
 const TERMINAL = new Set(["completed", "failed", "cancelled", "timed_out"]);
-const state = { me: null, paused: false, timer: null, open: null, samples: new Map() };
+const state = { me: null, paused: false, timer: null, open: null, rejectsFor: null, samples: new Map() };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, props, ...children) {
@@ -121,6 +121,7 @@ async function refreshList() {
 
 async function openJob(id) {
   state.open = id;
+  state.rejectsFor = null;
   $("job").hidden = false;
   $("job-rejects").hidden = true;
   await refreshJob();
@@ -133,7 +134,12 @@ function fact(name, value) {
 
 async function refreshJob() {
   if (state.open === null) return;
-  const job = await api("GET", `/jobs/${state.open}`);
+  let job;
+  try { job = await api("GET", `/jobs/${state.open}`); } catch (error) {
+    if (error.status !== 404) throw error;
+    closeJob();  // deleted meanwhile (retention): nothing left to show
+    return;
+  }
   $("job-id").textContent = `#${job.id} ${job.kind}`;
   $("job-status").textContent = job.status;
   $("job-status").className = `status ${job.status}`;
@@ -147,7 +153,18 @@ async function refreshJob() {
     ...fact("finished", job.finished_at), ...fact("timeout", job.timeout_s && `${job.timeout_s} s`));
   $("job-params").textContent = JSON.stringify(job.params, null, 2);
   $("job-result").textContent = JSON.stringify(job.result, null, 2);
-  if (job.kind === "migration" && (job.failed || TERMINAL.has(job.status))) await showRejects(job.id);
+  // Rejects only grow while the job runs: once it has ended they are read once.
+  const ended = TERMINAL.has(job.status);
+  if (job.kind === "migration" && job.failed && state.rejectsFor !== job.id) {
+    await showRejects(job.id);
+    if (ended) state.rejectsFor = job.id;
+  }
+}
+
+function closeJob() {
+  state.open = null;
+  state.rejectsFor = null;
+  $("job").hidden = true;
 }
 
 async function showRejects(id) {
@@ -289,7 +306,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("filter-status").addEventListener("change", tick);
   $("upload-form").addEventListener("submit", upload);
   $("fetch-now").addEventListener("click", fetchNow);
-  $("job-close").addEventListener("click", () => { state.open = null; $("job").hidden = true; });
+  $("job-close").addEventListener("click", closeJob);
   $("job-cancel").addEventListener("click", () => cancel(state.open));
   $("rejects-csv").addEventListener("click", () => downloadRejects().catch((e) => say(e.message)));
   start();
