@@ -172,3 +172,39 @@ async def test_a_cross_site_form_post_with_the_cookie_is_refused(database_url: s
         assert status == 403
         jobs = (await daemon.client.get("/jobs", headers=bearer(ADMIN))).json()["jobs"]
         assert jobs == []
+
+
+def pause_and_filter(page: Any, base_url: str, sleep_id: int, noop_id: int) -> None:
+    """The page's timers run on playwright's clock: paused means no request however
+    much time passes (ten seconds are fast-forwarded), and resuming asks again."""
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url) if "/jobs?" in request.url
+            else None)
+    page.clock.install()
+    page.goto(base_url + "/")
+    row(page, sleep_id).wait_for()
+    page.click("#pause")
+    page.locator("#pause").filter(has_text="Resume").wait_for()
+    before = len(asked)
+    page.clock.run_for(10_000)
+    page.evaluate("() => new Promise(resolve => setTimeout(resolve, 0))")  # flush the page
+    assert len(asked) == before, "a paused dashboard must not poll"
+    with page.expect_request(lambda request: "/jobs?" in request.url):
+        page.click("#pause")  # Resume: the next tick asks again
+        page.clock.run_for(1_100)
+    # Filters: the kind filter leaves only that kind's rows.
+    page.fill("#filter-kind", "noop")
+    page.dispatch_event("#filter-kind", "change")
+    row(page, sleep_id).wait_for(state="detached")
+    assert row(page, noop_id).is_visible()
+    page.select_option("#filter-status", "queued,running")
+    row(page, noop_id).wait_for(state="detached")
+
+
+async def test_pause_stops_polling_and_filters_narrow_the_list(database_url: str,
+                                                                state_dir: Path) -> None:
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        sleep = (await daemon.client.post("/jobs/sleep", json={"seconds": 120})).json()
+        noop = (await daemon.client.post("/jobs/noop", json={})).json()
+        await daemon.wait_for_status(noop["id"], "completed")
+        await in_browser(pause_and_filter, daemon.base_url, sleep["id"], noop["id"])
