@@ -76,6 +76,9 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
         f"""() => {{ const bar = document.querySelector('#jobs tr[data-job="{job_id}"] progress');
                     return bar && bar.value > {first}; }}""")
     page.locator(f'#jobs tr[data-job="{job_id}"] .rate').filter(has_text="/s").wait_for()
+    # Phone width: nothing wider than the screen (no sideways scrolling to reach Cancel).
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+    assert row(page, job_id).locator("button.cancel").is_visible()
     if screenshot:
         row(page, job_id).click()
         page.locator("#job-status").filter(has_text="running").wait_for()
