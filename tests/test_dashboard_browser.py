@@ -66,6 +66,9 @@ def row(page: Any, job_id: int, status: str | None = None) -> Any:
 
 def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Path,
                             screenshot: str | None) -> None:
+    violations: list[str] = []
+    page.on("console", lambda message: violations.append(message.text)
+            if "Content Security Policy" in message.text else None)
     page.goto(base_url + "/")
     running = row(page, job_id, "running")
     running.wait_for()
@@ -103,6 +106,7 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
     # "Fetch now" posts JSON the API takes: with no source configured, its 409 says so.
     page.click("#fetch-now")
     page.locator("#message").filter(has_text="no fetch sources are configured").wait_for()
+    assert violations == [], "the page must run under its own CSP"
 
 
 async def test_watch_a_job_cancel_it_and_upload_a_workbook(database_url: str, state_dir: Path,
