@@ -21,7 +21,9 @@ venv: $(STAMP)
 run: $(STAMP)
 	NURSERYD_DIAGNOSTICS=$${NURSERYD_DIAGNOSTICS:-1} $(VENV)/bin/nurseryd serve
 
+# The dashboard's browser tests drive Debian's chromium (playwright never downloads one).
 test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 	$(VENV)/bin/ruff check daemon tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)

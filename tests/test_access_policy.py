@@ -190,6 +190,24 @@ def test_a_session_must_prove_a_write_comes_from_this_site(configured: AccessSet
     assert decide(fetch_site, API, configured).principal == session
 
 
+SIGN_IN = RouteRules(RouteAccess.SIGN_IN)
+
+
+def test_sign_in_routes_need_no_credential_but_keep_the_host_and_origin_checks(
+        configured: AccessSettings) -> None:
+    """The dashboard's page and ``POST /session`` are how a browser gets a session,
+    so they cannot ask for one; a rebinding Host or a foreign page still gets nothing
+    (not even a session planted with the attacker's own token)."""
+    served = decide(facts("POST", content_type="application/x-www-form-urlencoded",
+                          has_body=True), SIGN_IN, configured)
+    assert served.refused is None and served.principal is None
+    assert refused(decide(facts(host="evil.example"), SIGN_IN, configured)) is HostNotAllowed
+    foreign = facts("POST", origin="https://evil.example")
+    assert refused(decide(foreign, SIGN_IN, configured)) is CrossSiteRefused
+    linked = facts(fetch_site="cross-site")
+    assert refused(decide(linked, SIGN_IN, PROTECTED)) is CrossSiteRefused
+
+
 # -- parsing ------------------------------------------------------------------------------------
 
 

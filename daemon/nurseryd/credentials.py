@@ -67,7 +67,7 @@ class Principal:
     #: A token's configured name, or :data:`LOCAL_NAME` for protected mode.
     name: str
     role: Role
-    #: ``token`` (Authorization header), ``cookie`` (a dashboard session, later),
+    #: ``token`` (Authorization header), ``cookie`` (a dashboard session, ``http/sessions.py``),
     #: ``loopback`` (protected mode: no token configured, a loopback caller).
     via: str = "token"
 

@@ -10,7 +10,9 @@ for the handler: jobs record its name as ``submitted_by`` / ``cancelled_by``.
 
 A route that needs other rules says so with :func:`route_rules` on its view
 function: ``/healthz`` and ``/readyz`` are public, ``/metrics`` has its own
-token, uploads take ``multipart/form-data``.
+token, uploads take ``multipart/form-data``, the dashboard's page and sign-in
+need no credential. The dashboard's session cookie is resolved here
+(``sessions.py``) and judged by ``decide()`` like a token.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from quart_trio import QuartTrio
 from ..config import Settings
 from ..credentials import Principal
 from .access_policy import JSON, RequestFacts, RouteAccess, RouteRules, decide
+from .sessions import session_principal
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,7 @@ def facts_of() -> RequestFacts:
         content_type=headers.get("content-type"),
         has_body=has_body,
         from_loopback=_peer_is_loopback(),
+        session=session_principal(),
     )
 
 

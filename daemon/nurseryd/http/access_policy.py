@@ -2,8 +2,8 @@
 
 Why pure: every rule about who may do what is in :func:`decide`, tested with
 plain values (``tests/test_access_policy.py``), and ``access.py`` only gathers
-the facts of a Quart request and acts on the verdict. The same function will
-decide for the dashboard's session cookie (HttpOnly, SameSite=Strict): the
+the facts of a Quart request and acts on the verdict. The same function
+decides for the dashboard's session cookie (HttpOnly, SameSite=Strict): the
 middleware resolves the cookie to a :class:`~nurseryd.credentials.Principal` and
 passes it as ``facts.session``; ambient credentials like a cookie are exactly
 what cross-site request forgery abuses, so for them a write must also prove it
@@ -14,6 +14,7 @@ such proof.
 The checks, in order, each with its answer:
 
 1. public routes (``/healthz``, ``/readyz``): always served;
+   sign-in routes (the dashboard's page, ``/session``) pass checks 2 and 3 only;
 2. ``Host`` not a loopback name, an IP literal or in ``allowed_hosts``: 421
    (a DNS-rebinding page names its own host; an IP literal cannot be rebound);
 3. ``Sec-Fetch-Site: cross-site``, or an ``Origin`` that is neither this
@@ -72,6 +73,9 @@ class RouteAccess(enum.Enum):
     PUBLIC = "public"
     #: ``/metrics``: its own ``metrics_token`` when one is configured, else like API.
     METRICS = "metrics"
+    #: The dashboard's page and its sign-in: the Host and cross-site checks, but no
+    #: credential (they are where a browser gets one); the handler checks the body.
+    SIGN_IN = "sign-in"
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class RequestFacts:
     has_body: bool = False
     #: The peer is a loopback address and no proxy header says it forwards someone else.
     from_loopback: bool = False
-    #: A principal the caller resolved from a session cookie (none exists yet).
+    #: The principal the dashboard's session cookie resolved to (``sessions.py``).
     session: Principal | None = None
 
 
@@ -201,6 +205,8 @@ def decide(facts: RequestFacts, route: RouteRules, settings: AccessSettings, *,
             "listed in [access] allowed_origins"))
     if route.access is RouteAccess.METRICS and metrics_token_set:
         return Verdict()  # /metrics checks its own token
+    if route.access is RouteAccess.SIGN_IN:
+        return Verdict()  # the page holds no data; POST /session checks the token itself
     who = _authenticate(facts, settings)
     if isinstance(who, AccessRefused):
         return Verdict(refused=who)

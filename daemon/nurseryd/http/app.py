@@ -21,6 +21,7 @@ from ..services import Services
 from .access import install_access, streamed_paths
 from .bodies import bounded_request_class
 from .context import EXTENSION_KEY
+from .dashboard import blueprint as dashboard_blueprint
 from .errors import install_error_handlers
 from .jobs import blueprint as jobs_blueprint
 from .metrics import blueprint as metrics_blueprint
@@ -47,6 +48,7 @@ def create_app(services: Services, features: Iterable[HasBlueprints]) -> QuartTr
     app.register_blueprint(jobs_blueprint)
     app.register_blueprint(metrics_blueprint)
     app.register_blueprint(openapi_blueprint)
+    app.register_blueprint(dashboard_blueprint)
     for feature in features:
         for blueprint in feature.blueprints:
             app.register_blueprint(blueprint)

@@ -209,11 +209,54 @@ def _operations() -> dict[str, dict[str, Any]]:
             "get": {
                 "summary": "the active or latest fetch and each source's state",
                 "responses": {"200": _answer("fetch status", JSON_OBJECT), "503": busy}}},
+        **_dashboard_operations(invalid),
         "/fetch/cancel": {"post": {
             "summary": "cancel the active fetch",
             "responses": {"200": _answer("the fetch job, stopped", _ref("Job")),
                           "202": _answer("the fetch job, still stopping", _ref("Job")),
                           "404": _problem("no fetch is active"), "503": busy}}},
+    }
+
+
+def _text(media: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {media: {"schema": {"type": "string"}}}}
+
+
+def _dashboard_operations(invalid: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The dashboard's page and sign-in (http/dashboard.py): the page and sign-in
+    need no credential, only the Host and cross-site checks."""
+    session = _answer("who the session acts for", _ref("Session"))
+    sign_in_body = {"required": True, "content": {
+        **_json({"type": "object", "required": ["token"],
+                 "properties": {"token": {"type": "string"}}}),
+        "application/x-www-form-urlencoded": {"schema": {
+            "type": "object", "required": ["token"],
+            "properties": {"token": {"type": "string"}}}}}}
+    return {
+        "/": {"get": {"summary": "the dashboard (HTML)",
+                      "responses": {"200": _text("text/html", "the page")}}},
+        "/dashboard.js": {"get": {"summary": "the dashboard's script",
+                                  "responses": {"200": _text("text/javascript", "script")}}},
+        "/dashboard.css": {"get": {"summary": "the dashboard's style sheet",
+                                   "responses": {"200": _text("text/css", "style sheet")}}},
+        "/session": {
+            "get": {"summary": "who the caller acts for (session, token or protected mode)",
+                    "responses": {"200": session}},
+            "post": {
+                "summary": "sign in with a token: sets the HttpOnly session cookie",
+                "requestBody": sign_in_body,
+                "responses": {
+                    "200": _answer("signed in (JSON body)", _ref("Session"),
+                                   {"Set-Cookie": {"schema": {"type": "string"}}}),
+                    "303": {"description": "signed in (form body): back to the dashboard",
+                            "headers": {**_LOCATION,
+                                        "Set-Cookie": {"schema": {"type": "string"}}}},
+                    "400": _problem("the body is not JSON or not a valid form"),
+                    "409": _problem("no token is configured (protected mode)"),
+                    "422": invalid}}},
+        "/session/logout": {"post": {
+            "summary": "sign out: forget the session, clear the cookie",
+            "responses": {"204": {"description": "signed out"}}}},
     }
 
 
@@ -268,6 +311,11 @@ def document() -> dict[str, Any]:
                                            "status": {"type": "integer"},
                                            "detail": {"type": "string"}}},
                 "Job": JOB_SCHEMA,
+                "Session": {"type": "object", "required": ["name", "role", "via"],
+                            "properties": {"name": {"type": "string"},
+                                           "role": {"enum": ["admin", "read"]},
+                                           "via": {"type": "string"},
+                                           "protected_mode": {"type": "boolean"}}},
                 "MigrationJob": {"allOf": [JOB_SCHEMA, {"type": "object", "properties": {
                     "source_type": _NULLABLE_STRING, "rejects": {"type": "string"}}}]},
                 "JobPage": {"type": "object", "required": ["jobs", "next"], "properties": {
