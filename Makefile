@@ -23,7 +23,9 @@ run: $(STAMP)
 
 # The dashboard's browser tests drive Debian's chromium (playwright never downloads one).
 test: $(STAMP)
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+		--no-install-recommends chromium; }
 	$(VENV)/bin/ruff check daemon tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
