@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -297,36 +298,11 @@ class Supervisor:
         parsed = kind.parse_params(params)
         check_storable(parsed)
         timeout = self.resolve_timeout(kind_name, timeout_s)
-        self._intake.reserve()
-        # Shielded from the request: a client that disconnects once the INSERT is on
-        # its way must not leave a committed job that nothing holds. Bounded, so a
-        # hung database answers 503 instead of hanging the request (the rescan
-        # picks up the job should that INSERT commit after all).
-        with trio.CancelScope(shield=True) as recording:
-            recording.deadline = trio.current_time() + SUBMIT_TIMEOUT_S
-            try:
-                row = await self.inserts.submit(
-                    NewJob(kind_name, parsed, timeout, self.owner, submitted_by))
-            except BaseException:
-                self._intake.release()
-                raise
-        if recording.cancelled_caught:
-            self._intake.release()
-            raise DatabaseUnavailable("recording the job")
+        row = await self._record_and_hand_off(kind, partial(
+            self.inserts.submit, NewJob(kind_name, parsed, timeout, self.owner, submitted_by)),
+            "recording the job")
         if row is None:
-            self._intake.release()
             raise JobConflict(kind_name)
-        if row["id"] in self.registry:
-            # The backlog scan found the committed row first and holds it (with a
-            # slot of its own): one handle per job, or it would run twice.
-            self._intake.release()
-            return job_json(row)
-        handle = self._register(row, kind)
-        if not self._intake.hand_off(handle):
-            # Draining began while we inserted: the job is durably queued and
-            # resumes after the restart; it just does not run in this process.
-            self._intake.release()
-            del self.registry[handle.id]
         return job_json(row)
 
     async def rerun(self, job_id: int) -> dict[str, Any]:
@@ -344,29 +320,52 @@ class Supervisor:
         blocker = kind.rerun_blocker and kind.rerun_blocker(job["params"], self.settings)
         if blocker:
             raise JobNotRetryable(job, blocker)
+        row = await self._record_and_hand_off(
+            kind, partial(self.store.rerun, job_id, self.owner), "queueing the job again")
+        if row is None:  # it changed meanwhile (another retry won)
+            current = await self.get_job(job_id)
+            raise JobNotRetryable(current or job, "it was retried or changed meanwhile")
+        return job_json(row)
+
+    async def _record_and_hand_off(
+        self, kind: JobKind, write: Callable[[], Awaitable[Row | None]], what: str
+    ) -> Row | None:
+        """Take a queue slot, make ``write`` record the job, then hold it and send it
+        to the dispatcher; ``None`` (slot freed) when ``write`` recorded nothing.
+
+        The slot comes *before* the write, so a full queue is refused before
+        anything is written. The write is shielded from the request: a client
+        that disconnects once it is on its way must not leave a committed job
+        that nothing holds. It is bounded, so a hung database answers 503 instead
+        of hanging the request (the rescan picks up the job should the write
+        commit after all).
+        """
         self._intake.reserve()
-        with trio.CancelScope(shield=True) as recording:  # as in submit
+        with trio.CancelScope(shield=True) as recording:
             recording.deadline = trio.current_time() + SUBMIT_TIMEOUT_S
             try:
-                row = await self.store.rerun(job_id, self.owner)
+                row = await write()
             except BaseException:
                 self._intake.release()
                 raise
         if recording.cancelled_caught:
             self._intake.release()
-            raise DatabaseUnavailable("queueing the job again")
-        if row is None:  # it changed meanwhile (another retry won)
+            raise DatabaseUnavailable(what)
+        if row is None:
             self._intake.release()
-            current = await self.get_job(job_id)
-            raise JobNotRetryable(current or job, "it was retried or changed meanwhile")
-        if row["id"] in self.registry:  # the backlog scan found it first
+            return None
+        if row["id"] in self.registry:
+            # The backlog scan found the committed row first and holds it (with a
+            # slot of its own): one handle per job, or it would run twice.
             self._intake.release()
-            return job_json(row)
+            return row
         handle = self._register(row, kind)
         if not self._intake.hand_off(handle):
+            # Draining began while we wrote: the job is durably queued and resumes
+            # after the restart; it just does not run in this process.
             self._intake.release()
             del self.registry[handle.id]
-        return job_json(row)
+        return row
 
     def resolve_timeout(self, kind_name: str, timeout_s: Any) -> float:
         limits = self.settings.limits(kind_name)
