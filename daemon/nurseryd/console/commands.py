@@ -184,8 +184,7 @@ def _jobs(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
 @command("show")
 def _show(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
     job = api.get(f"/jobs/{args.id}")
-    print(json.dumps(job) if args.json else render.job_details(job), file=out)
-    return render.EXIT_COMPLETED
+    return _print(args, out, job, render.job_details(job))
 
 
 @command("watch")
@@ -218,21 +217,24 @@ def _rejects(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
 @command("cancel")
 def _cancel(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
     job = api.post(f"/jobs/{args.id}/cancel")
-    print(json.dumps(job) if args.json else render.ending_line(job), file=out)
-    return render.EXIT_COMPLETED
+    return _print(args, out, job, render.ending_line(job))
 
 
 @command("retry")
 def _retry(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
     job = api.post(f"/jobs/{args.id}/retry")
-    print(json.dumps(job) if args.json else f"job {job['id']} {job['status']} again", file=out)
-    return render.EXIT_COMPLETED
+    return _print(args, out, job, f"job {job['id']} {job['status']} again")
 
 
 @command("fetch-cancel")
 def _fetch_cancel(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
     job = api.post("/fetch/cancel")
-    print(json.dumps(job) if args.json else render.ending_line(job), file=out)
+    return _print(args, out, job, render.ending_line(job))
+
+
+def _print(args: argparse.Namespace, out: TextIO, value: Any, text: str) -> int:
+    """The answer as one JSON document with ``--json``, else as ``text``."""
+    print(json.dumps(value) if args.json else text, file=out)
     return render.EXIT_COMPLETED
 
 
