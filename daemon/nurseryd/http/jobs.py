@@ -9,13 +9,14 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
+from ..errors import JobAlreadyFinished
 from ..lifecycle import Status
 from ..supervisor import JobNotFound
 from .access import caller_name, route_rules
 from .access_policy import RouteAccess
 from .context import get_services
 from .problems import Problem
-from .query import int_arg
+from .query import int_arg, status_args
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -134,12 +135,7 @@ async def trigger(kind: str) -> Response:
 @blueprint.get("/jobs")
 async def list_jobs() -> Response:
     kind = request.args.get("kind") or None
-    statuses = [value for value in request.args.get("status", "").split(",") if value]
-    allowed = {status.value for status in Status}
-    for status in statuses:
-        if status not in allowed:
-            raise Problem(422, f"unknown status {status!r}; use one or more of "
-                          f"{', '.join(sorted(allowed))}, comma-separated", field="status")
+    statuses = status_args()
     limit = int_arg("limit", DEFAULT_PAGE, 1, MAX_PAGE)
     before = int_arg("before", None, 1, 2**63 - 1)
     jobs = await get_services().supervisor.list_jobs(
@@ -180,6 +176,10 @@ async def get_job(job_id: str) -> Response:
 async def cancel_job(job_id: str) -> Response:
     job = await get_services().supervisor.cancel(parse_job_id(job_id),
                                                  cancelled_by=caller_name())
+    if job["status"] != Status.CANCELLED and Status(job["status"]).is_terminal:
+        # It ended by itself while the cancel was on its way (its final write had
+        # committed, its task had not yet let go): the cancel changed nothing.
+        raise JobAlreadyFinished(job)
     status = 200 if Status(job["status"]).is_terminal else 202
     return json_response(job, status)
 
