@@ -4,6 +4,7 @@ and hostile workbooks failing fast with a clear reason."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import time
 from pathlib import Path
@@ -359,3 +360,23 @@ async def test_batches_of_wide_rows_are_bounded_by_bytes_not_only_rows(
     assert result["rows"] == 400 and result["rejected"] == 0
     assert await db.fetchval("SELECT count(*) FROM chats WHERE length(last_message) = 20000") \
         == 400
+
+
+def test_frames_are_cut_out_as_their_bytes_arrive() -> None:
+    """The children's output in arbitrary pieces gives back exactly the frames sent."""
+    from nurseryd.kinds.migrate.sources import framing
+
+    stream = framing.encode(framing.INFO, {"a": 1}) + framing.encode(framing.DONE, {"b": "é"})
+    for piece in (1, 3, 7, len(stream)):
+        frames = framing.FrameBuffer()
+        got = []
+        for start in range(0, len(stream), piece):
+            frames.feed(stream[start:start + piece])
+            while (frame := frames.next_frame()) is not None:
+                got.append(frame)
+        assert [(kind, json.loads(body)) for kind, body in got] == \
+            [(framing.INFO, {"a": 1}), (framing.DONE, {"b": "é"})]
+    hostile = framing.FrameBuffer()
+    hostile.feed(b"B" + (framing.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(ValueError, match="frame of"):
+        hostile.next_frame()

@@ -38,7 +38,7 @@ from ..supervisor import JobNotFound
 from .context import get_services
 from .jobs import json_response, parse_job_id
 from .problems import Problem
-from .query import int_arg
+from .query import int_arg, status_args
 
 blueprint = Blueprint("events", __name__)
 
@@ -62,12 +62,7 @@ def _filter(services: Services, job_id: int | None) -> EventFilter:
     if kind is not None and services.kinds.get(kind) is None:
         raise Problem(422, f"unknown kind {kind!r}; use one of "
                       f"{', '.join(sorted(services.kinds.names()))}", field="kind")
-    statuses = [value for value in request.args.get("status", "").split(",") if value]
-    allowed = {status.value for status in Status}
-    for status in statuses:
-        if status not in allowed:
-            raise Problem(422, f"unknown status {status!r}; use one or more of "
-                          f"{', '.join(sorted(allowed))}, comma-separated", field="status")
+    statuses = status_args()
     raw_job = request.args.get("job")
     if job_id is None and raw_job:
         try:

@@ -6,6 +6,7 @@ from typing import overload
 
 from quart import request
 
+from ..lifecycle import Status
 from .problems import Problem
 
 
@@ -25,3 +26,15 @@ def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     if not low <= value <= high:
         raise Problem(422, f"{name} must be between {low} and {high}", field=name)
     return value
+
+
+def status_args() -> list[str]:
+    """``?status=queued,running`` as the statuses it names (none: every status);
+    a name that is no status is a 422 listing the ones there are."""
+    statuses = [value for value in request.args.get("status", "").split(",") if value]
+    allowed = {status.value for status in Status}
+    for status in statuses:
+        if status not in allowed:
+            raise Problem(422, f"unknown status {status!r}; use one or more of "
+                          f"{', '.join(sorted(allowed))}, comma-separated", field="status")
+    return statuses

@@ -211,21 +211,19 @@ class _Relay:
 
     async def frames(self, process: trio.Process) -> None:
         assert process.stdout is not None
-        buffer = bytearray()
+        frames = framing.FrameBuffer()
         while data := await process.stdout.receive_some(READ_SIZE):
-            buffer += data
-            while len(buffer) >= framing.HEAD_SIZE:
+            frames.feed(data)
+            while True:
                 try:
-                    kind, length = framing.decode_head(buffer)
+                    frame = frames.next_frame()
                 except ValueError as error:
                     self.failure = Failure("fatal", f"the reader sent malformed output ({error})")
                     process.kill()
                     return
-                end = framing.HEAD_SIZE + length
-                if len(buffer) < end:
+                if frame is None:
                     break
-                body = bytes(buffer[framing.HEAD_SIZE:end])
-                del buffer[:end]
+                kind, body = frame
                 await self.handle(kind, body)
                 if self.failure is not None:  # nothing after an error is relayed
                     if kind != framing.ERROR:  # our verdict, not the child's: stop it

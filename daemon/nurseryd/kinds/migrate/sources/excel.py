@@ -135,25 +135,19 @@ class ExcelSource:
     async def _relay(self, process: trio.Process, send: trio.MemorySendChannel[SourceEvent],
                      state: _RunState) -> None:
         assert process.stdout is not None
-        buffer = bytearray()
-        while True:
-            data = await process.stdout.receive_some(READ_SIZE)
-            if not data:
-                break
-            buffer += data
-            while len(buffer) >= framing.HEAD_SIZE:
+        frames = framing.FrameBuffer()
+        while data := await process.stdout.receive_some(READ_SIZE):
+            frames.feed(data)
+            while True:
                 try:
-                    kind, length = framing.decode_head(buffer)
+                    frame = frames.next_frame()
                 except ValueError as error:
                     state.error = f"the parser sent malformed output ({error})"
                     process.kill()
                     return
-                end = framing.HEAD_SIZE + length
-                if len(buffer) < end:
+                if frame is None:
                     break
-                body = bytes(buffer[framing.HEAD_SIZE:end])
-                del buffer[:end]
-                await self._handle(kind, body, send, state)
+                await self._handle(*frame, send, state)
                 if state.error is not None:
                     return
 

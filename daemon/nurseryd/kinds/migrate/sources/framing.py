@@ -57,6 +57,34 @@ def decode_head(data: bytes | bytearray) -> tuple[bytes, int]:
     return kind, length
 
 
+class FrameBuffer:
+    """Frames out of a child's output as its bytes arrive, with no I/O in it (as
+    h11 does it: feed the bytes read, take the frames complete so far). Both
+    parser children's readers use it, one frame at a time, so a frame is handled
+    (and its batch sent on, with back-pressure) before the next is cut out."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self._buffer += data
+
+    def next_frame(self) -> tuple[bytes, bytes] | None:
+        """The next complete ``(kind, body)``, or ``None`` until more bytes arrive.
+
+        Raises ``ValueError`` for a malformed frame head (a frame over MAX_FRAME).
+        """
+        if len(self._buffer) < HEAD_SIZE:
+            return None
+        kind, length = decode_head(self._buffer)
+        end = HEAD_SIZE + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEAD_SIZE:end])
+        del self._buffer[:end]
+        return kind, body
+
+
 def decode_batch(body: bytes | bytearray | memoryview) -> SourceBatch:
     """The batch a frame body carries; its COPY text is a view into ``body``, not a copy."""
     view = memoryview(body)
