@@ -36,11 +36,27 @@ async def _all_recorded_jobs_ended(daemon: InProcessDaemon) -> bool:
 
     (Right after a storm the inserts of handlers whose client is gone may still be
     in flight, shielded: an empty table, or one whose last rows are not in yet,
-    must not count as "all ended".)
+    must not count as "all ended". Each storm has one client that waits for its
+    answer, so some job is always recorded.)
     """
     recorded = await daemon.services.db.fetchval("SELECT count(*) FROM jobs")
     return recorded > 0 and daemon.supervisor.inserts.pending == 0 \
         and await _unfinished(daemon) == 0
+
+
+async def _one_that_waits(host: str, port: int, request: bytes) -> None:
+    """One client in the storm that reads its answer: some job is surely recorded
+    (202, or 409 because one already is), so "every recorded job ended" cannot
+    hold vacuously while the storm's own inserts are slow to land."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(request)
+        head = b""
+        while b"\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            assert chunk, "the daemon closed the connection without answering"
+            head += chunk
+    assert head.split(b" ", 2)[1] in (b"202", b"409"), head[:200]
 
 
 def _reset_after_sending(host: str, port: int, request: bytes, give_up_after: float) -> None:
@@ -74,6 +90,7 @@ async def test_clients_that_disconnect_mid_post_strand_no_job(
             for index in range(150):
                 nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
                                    int(port), request, (index % 30) * 0.005)
+            nursery.start_soon(_one_that_waits, host, int(port), request)
         # (Inserts whose client is gone still commit, shielded: rows may appear after
         # the client threads ended, which is why the check below counts again at the end.)
 
@@ -206,6 +223,7 @@ async def test_clients_that_disconnect_mid_post_fetch_leave_no_fetch_blocking(
                 for index in range(40):
                     nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
                                        int(port), request, (index % 20) * 0.005)
+                nursery.start_soon(_one_that_waits, host, int(port), request)
 
             await eventually(partial(_all_recorded_jobs_ended, daemon), timeout=30)
             assert await daemon.services.db.fetchval(
@@ -237,6 +255,7 @@ async def test_clients_that_disconnect_mid_upload_lose_no_recorded_job(
             for index in range(30):
                 nursery.start_soon(trio.to_thread.run_sync, _reset_after_sending, host,
                                    int(port), request, (index % 15) * 0.01)
+            nursery.start_soon(_one_that_waits, host, int(port), request)
 
         await eventually(partial(_all_recorded_jobs_ended, daemon), timeout=60)
         rows = await daemon.services.db.fetch("SELECT status, error FROM jobs")
