@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from tests import xlsx_factory as xf
@@ -65,7 +66,11 @@ async def test_only_failed_cancelled_or_timed_out_jobs_retry(database_url: str,
 
 async def test_a_failed_import_whose_upload_is_gone_says_so(database_url: str, state_dir: Path,
                                                             tmp_path: Path) -> None:
-    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+    settings = make_settings(database_url, state_dir)
+    migration = dataclasses.replace(settings.section("migration"), keep_ended_uploads_s=0)
+    settings = dataclasses.replace(settings,
+                                   sections={**settings.sections, "migration": migration})
+    async with run_daemon(settings) as daemon:
         content = xf.sparse_dimension(tmp_path / "sparse.xlsx").read_bytes()
         job = (await daemon.client.post("/migration/excel",
                                         files={"file": ("sparse.xlsx", content)})).json()

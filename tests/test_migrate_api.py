@@ -183,7 +183,8 @@ async def test_hostile_upload_fails_the_job_and_the_daemon_stays_up(
         done = await finished(daemon, job["id"])
     assert done["status"] == "failed" and "column 16384" in done["error"]
     assert (await daemon.client.get("/readyz")).status_code == 200
-    assert stored_uploads(daemon) == []
+    # Kept for [migration] keep_ended_uploads, so a retry could read it again.
+    assert stored_uploads(daemon) == [job["params"]["upload"]]
 
 
 async def test_cancel_mid_import_keeps_committed_rows_and_rerun_completes(
@@ -210,6 +211,57 @@ async def test_cancel_mid_import_keeps_committed_rows_and_rerun_completes(
     done = await finished(daemon, again["id"])
     assert done["status"] == "completed" and done["processed"] == 2000
     assert await db.fetchval("SELECT count(*) FROM chats") == 2000
+
+
+async def test_a_cancelled_import_retries_from_its_checkpoint_with_its_kept_upload(
+        daemon: InProcessDaemon, tmp_path: Path) -> None:
+    from tests.polling import eventually
+
+    rows = [xf.chat_row(i) for i in range(1, 3001)]
+    rows[2500][9] = "many"  # message_count: one reject, after the cancel point
+    job = (await upload(daemon, xf.write_xlsxwriter(tmp_path / "c.xlsx", rows))).json()
+
+    async def some_rows() -> dict | None:
+        current = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
+        return current if current["processed"] >= 100 else None
+
+    await eventually(some_rows, timeout=20, interval=0.005)
+    await daemon.client.post(f"/jobs/{job['id']}/cancel")
+    cancelled = await finished(daemon, job["id"])
+    if cancelled["status"] != "cancelled":
+        pytest.skip("the import completed before the cancel reached it")
+    assert stored_uploads(daemon) == [job["params"]["upload"]]  # kept for a retry
+    checkpoint = await daemon.services.db.fetchval(
+        "SELECT checkpoint FROM jobs WHERE id = $1", job["id"])
+    assert checkpoint is not None
+
+    retried = await daemon.client.post(f"/jobs/{job['id']}/retry")
+    assert retried.status_code == 202, retried.text
+    done = await finished(daemon, job["id"])
+    assert (done["status"], done["total"], done["processed"], done["failed"]) == \
+        ("completed", 3000, 2999, 1)
+    assert done["attempts"] == cancelled["attempts"] + 1
+    db = daemon.services.db
+    assert await db.fetchval("SELECT count(*) FROM chats") == 2999
+    rejects = (await daemon.client.get(f"/jobs/{job['id']}/rejects")).json()["rejects"]
+    assert [reject["row"] for reject in rejects] == [2502]  # header is row 1
+    assert stored_uploads(daemon) == []  # completed: the file goes at once
+
+
+async def test_uploads_of_ended_imports_go_once_their_keep_window_passed(
+        daemon: InProcessDaemon, tmp_path: Path) -> None:
+    from nurseryd.kinds.migrate.uploads_dir import sweep_uploads
+
+    job = (await upload(daemon, xf.sparse_dimension(tmp_path / "sparse.xlsx"))).json()
+    await finished(daemon, job["id"])
+    state_dir = daemon.services.settings.state_dir
+    db = daemon.services.db
+    assert await sweep_uploads(db, state_dir, at_start=True, keep_ended_s=3600) == []
+    assert await sweep_uploads(db, state_dir, at_start=True, keep_ended_s=0) == [
+        job["params"]["upload"]]
+    refused = await daemon.client.post(f"/jobs/{job['id']}/retry")
+    assert refused.status_code == 409
+    assert "keep_ended_uploads" in refused.json()["detail"]
 
 
 async def test_orphan_uploads_are_removed_at_start_but_not_those_of_queued_jobs(

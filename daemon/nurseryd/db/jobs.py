@@ -334,11 +334,16 @@ async def latest_job_id(db: Database, kind: str) -> int | None:
     return await db.fetchval("SELECT max(id) FROM jobs WHERE kind = $1", kind)
 
 
-async def uploads_in_use(db: Database, kind: str = "migration") -> set[str]:
-    """``params.upload`` of every unfinished job of ``kind``: files still needed."""
+async def uploads_in_use(db: Database, kind: str = "migration",
+                         keep_ended_s: float = 0.0) -> set[str]:
+    """``params.upload`` of every job of ``kind`` that may still read its file: the
+    unfinished ones, and those that ended otherwise than completed less than
+    ``keep_ended_s`` ago (a retry resumes them from the file)."""
     rows = await db.fetch(
-        "SELECT params->>'upload' AS upload FROM jobs WHERE kind = $1"
-        " AND status = ANY($2::text[]) AND params ? 'upload'", kind, _values(ACTIVE))
+        "SELECT params->>'upload' AS upload FROM jobs WHERE kind = $1 AND params ? 'upload'"
+        " AND (status = ANY($2::text[]) OR (status = ANY($3::text[])"
+        " AND finished_at > now() - make_interval(secs => $4)))",
+        kind, _values(ACTIVE), _values(statuses_allowing(Event.RERUN)), keep_ended_s)
     return {row["upload"] for row in rows}
 
 

@@ -61,7 +61,7 @@ async def prepare_targets(services: Services) -> None:
     not match its target.
     """
     from .tables import TargetMismatch, ensure_target_table
-    from .targets import configured_targets
+    from .targets import configured_targets, migration_settings
     from .uploads_dir import sweep_uploads
     from .xlsx_checks import WorkbookRejected, check_expat
 
@@ -75,18 +75,24 @@ async def prepare_targets(services: Services) -> None:
         check_expat()
     except WorkbookRejected as error:
         log.error("Excel migrations will fail: %s", error)
-    await sweep_uploads(services.db, services.settings.state_dir, at_start=True)
+    keep_s = migration_settings(services.settings).keep_ended_uploads_s
+    await sweep_uploads(services.db, services.settings.state_dir, at_start=True,
+                        keep_ended_s=keep_s)
 
 
 async def sweep_uploads_periodically(services: Services) -> None:
-    """Background: delete uploads of jobs that ended cancelled (every 5 minutes)."""
+    """Background: every 5 minutes, delete the uploads no job may still read (those
+    of jobs ended longer than ``keep_ended_uploads`` ago, and of crashed requests)."""
     import trio
 
+    from .targets import migration_settings
     from .uploads_dir import sweep_uploads
 
+    keep_s = migration_settings(services.settings).keep_ended_uploads_s
     while True:
         await trio.sleep(300)
         try:
-            await sweep_uploads(services.db, services.settings.state_dir, at_start=False)
+            await sweep_uploads(services.db, services.settings.state_dir, at_start=False,
+                                keep_ended_s=keep_s)
         except Exception:  # a sweep is housekeeping: log and try again later
             log.exception("upload sweep failed")

@@ -122,16 +122,17 @@ async def run_migration(ctx: JobContext) -> None:
         result = await run_pipeline(ctx, source, target, timezone=settings.timezone)
     except Exception as error:
         # A transient error (the database went away) is tried again: the next
-        # attempt needs the file. Should its attempts run out, the periodic sweep
-        # removes the file of the failed job.
-        if not is_transient(error):
-            _remove(upload)  # failed is terminal: the file is no longer needed
+        # attempt needs the file. A failed job keeps it for keep_ended_uploads so
+        # an operator's retry resumes from the checkpoint; the sweep removes it then.
+        if not is_transient(error) and settings.keep_ended_uploads_s <= 0:
+            _remove(upload)
         raise
     ctx.set_result(result)
     _remove(upload)
     # Cancelled (by request, timeout or shutdown) is deliberately not handled here:
-    # a shutdown requeues the job and it needs the file to resume; the sweep at
-    # start and the periodic sweep remove files of jobs that ended cancelled.
+    # a shutdown requeues the job and it needs the file to resume, and a cancelled
+    # or timed-out job may be retried; the sweeps remove the file once the job has
+    # been ended for keep_ended_uploads.
 
 
 def rerun_blocker(params: Mapping[str, Any], settings: Settings) -> str | None:
@@ -146,8 +147,10 @@ def rerun_blocker(params: Mapping[str, Any], settings: Settings) -> str | None:
         return None
     if upload_path(settings.state_dir, parsed.upload).is_file():
         return None
-    return (f"its upload ({parsed.filename!r}) is gone: a workbook is removed once its import "
-            "ends; upload it again with POST /migration/excel")
+    keep_s = migration_settings(settings).keep_ended_uploads_s
+    return (f"its upload ({parsed.filename!r}) is gone: a workbook is kept for "
+            f"{keep_s:g} s after its import ended ([migration] keep_ended_uploads); "
+            "upload it again with POST /migration/excel")
 
 
 def _remove(path: Path | None) -> None:

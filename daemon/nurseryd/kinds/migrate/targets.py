@@ -94,6 +94,10 @@ class MigrationSettings:
     #: Rejected rows stored per job, raw values included; the rest are only counted
     #: (a small upload declaring 5 M bad rows must not store 5 M rows of customer data).
     max_stored_rejects: int = 10_000
+    #: Seconds the workbook of an import that ended failed, cancelled or timed out
+    #: is kept, so ``POST /jobs/{id}/retry`` can resume it from its checkpoint; a
+    #: completed import's file goes at once. 0: removed as soon as the job ends.
+    keep_ended_uploads_s: float = 86400.0
 
 
 def _c(name: str, type_: str, nullable: bool = True, *aliases: str) -> ColumnSpec:
@@ -209,6 +213,7 @@ _MIGRATION_KEYS = {
     "default_target", "max_upload_bytes", "memory_budget_mb", "parse_timeout_s", "batch_rows",
     "batch_bytes", "timezone", "reader", "max_entry_bytes", "max_total_bytes",
     "max_compression_ratio", "max_rows", "max_columns", "slice_bytes", "max_stored_rejects",
+    "keep_ended_uploads",
 }
 
 
@@ -278,6 +283,9 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
         max_stored_rejects=parse_positive_int(
             "migration.max_stored_rejects",
             raw.get("max_stored_rejects", base.max_stored_rejects), minimum=0),
+        keep_ended_uploads_s=parse_duration(
+            "migration.keep_ended_uploads",
+            raw.get("keep_ended_uploads", base.keep_ended_uploads_s)),
     )
 
 

@@ -1,10 +1,11 @@
 """Where uploaded workbooks wait for their job, and the sweep of abandoned ones.
 
-An upload is kept until its job reaches a terminal state (a restarted daemon
-resumes from it), then deleted. Files named ``*.part`` are uploads still being
-received; ``*.xlsx`` belong to a job (its ``params.upload``). At start nothing
-can be receiving, so every ``.part`` file and every ``.xlsx`` no queued or
-running job refers to is an orphan of a crash.
+An upload is kept while its job may still read it: until the job completes,
+or for ``[migration] keep_ended_uploads`` after it ended failed, cancelled or
+timed out (a restarted daemon, or an operator's retry, resumes from it).
+Files named ``*.part`` are uploads still being received; ``*.xlsx`` belong to a
+job (its ``params.upload``). At start nothing can be receiving, so every
+``.part`` file and every ``.xlsx`` no job may still read is an orphan.
 """
 
 from __future__ import annotations
@@ -44,12 +45,13 @@ def upload_path(state_dir: Path, name: str) -> Path:
     return uploads_dir(state_dir) / name
 
 
-async def sweep_uploads(db: Database, state_dir: Path, *, at_start: bool) -> list[str]:
-    """Delete uploads no unfinished job needs; returns the names removed."""
+async def sweep_uploads(db: Database, state_dir: Path, *, at_start: bool,
+                        keep_ended_s: float = 0.0) -> list[str]:
+    """Delete uploads no job may still read; returns the names removed."""
     directory = uploads_dir(state_dir)
     if not directory.is_dir():
         return []
-    needed = await jobsdb.uploads_in_use(db, "migration")
+    needed = await jobsdb.uploads_in_use(db, "migration", keep_ended_s)
     now = time.time()
     removed = []
     for path in directory.iterdir():
