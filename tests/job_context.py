@@ -33,6 +33,8 @@ class RecordingContext:
     attempts: int = 1
     counters: dict[str, int | None] = field(default_factory=_fresh_counters)
     result: Any = None
+    #: What the kind noted for its log: (level, message).
+    notes: list[tuple[str, str]] = field(default_factory=list)
     #: Called with the counters after every report (a test may interrupt from it).
     on_report: Callable[[dict[str, int | None]], None] | None = None
     #: Write save_checkpoint() to the job's row, as the supervisor would.
@@ -79,3 +81,6 @@ class RecordingContext:
     def set_result(self, result: Any) -> None:
         self.result = result
         self._notify()
+
+    def note(self, message: str, *, level: str = "warning") -> None:
+        self.notes.append((level, message))

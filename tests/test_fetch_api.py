@@ -67,7 +67,11 @@ async def test_post_fetch_runs_a_job_and_get_fetch_reports_it(
         assert job["timeout_s"] == 300
         done = await daemon.wait_for_status(job["id"], *TERMINAL)
         status = (await daemon.client.get("/fetch")).json()
-    # One source failing does not fail the fetch.
+        log_lines = (await daemon.client.get(f"/jobs/{job['id']}/log")).json()["lines"]
+    # One source failing does not fail the fetch; the job's log says which did.
+    [note] = [line for line in log_lines if line["event"] == "note"]
+    assert note["level"] == "warning" and "source bad failed" in note["message"]
+    assert "no list of items at 'data.jobs'" in note["message"]
     assert done["status"] == "completed"
     assert (done["total"], done["processed"], done["failed"]) == (3, 3, 0)
     assert done["result"]["sources"]["good"]["new"] == 3

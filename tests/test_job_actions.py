@@ -129,3 +129,25 @@ async def test_a_jobs_log_tells_its_attempts_and_how_each_ended(database_url: st
         assert newest["truncated"] is True
         assert (await daemon.client.get("/jobs/999/log")).status_code == 404
         assert (await daemon.client.get(f"/jobs/{job['id']}/log?limit=0")).status_code == 422
+
+
+async def test_notes_are_kept_per_job_up_to_their_bound(database_url: str,
+                                                         state_dir: Path) -> None:
+    from nurseryd.db.notes import MAX_NOTES_PER_JOB, insert_notes
+    from nurseryd.store.base import JobNote, now
+
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        job = (await daemon.client.post("/jobs/noop", json={})).json()
+        await daemon.wait_for_status(job["id"], "completed")
+        db = daemon.services.db
+        notes = [JobNote(job["id"], 1, "info", f"n{index}", now())
+                 for index in range(MAX_NOTES_PER_JOB + 20)]
+        await insert_notes(db, notes[:MAX_NOTES_PER_JOB - 10])
+        await insert_notes(db, notes[MAX_NOTES_PER_JOB - 10:])
+        await insert_notes(db, [JobNote(999_999, 1, "info", "of no job", now())])
+        assert await db.fetchval("SELECT count(*) FROM job_notes WHERE job_id = $1",
+                                 job["id"]) == MAX_NOTES_PER_JOB
+        body = (await daemon.client.get(f"/jobs/{job['id']}/log?limit=1000")).json()
+        assert [line["event"] for line in body["lines"][:3]] == ["created", "started",
+                                                                "finished"]
+        assert body["lines"][3]["message"] == "attempt 1: n0"

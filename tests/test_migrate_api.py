@@ -246,6 +246,10 @@ async def test_a_cancelled_import_retries_from_its_checkpoint_with_its_kept_uplo
     rejects = (await daemon.client.get(f"/jobs/{job['id']}/rejects")).json()["rejects"]
     assert [reject["row"] for reject in rejects] == [2502]  # header is row 1
     assert stored_uploads(daemon) == []  # completed: the file goes at once
+    lines = (await daemon.client.get(f"/jobs/{job['id']}/log")).json()["lines"]
+    assert [line["event"] for line in lines][-3:] == ["started", "note", "finished"]
+    assert lines[-2]["level"] == "warning"
+    assert lines[-2]["message"].startswith("attempt 2: 1 row(s) rejected")
 
 
 async def test_uploads_of_ended_imports_go_once_their_keep_window_passed(

@@ -59,6 +59,14 @@ async def _flaky(ctx: JobContext) -> None:
     ctx.set_result({"attempt": ctx.attempts})
 
 
+async def _chatty(ctx: JobContext) -> None:
+    """Notes ``count`` lines for its log, then fails if ``fail`` is set."""
+    for index in range(int(ctx.params["count"])):
+        ctx.note(ctx.params.get("text", f"line {index}"), level=ctx.params.get("level", "info"))
+    if ctx.params.get("fail"):
+        raise ValueError("gave up")
+
+
 def _any_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return dict(params)
 
@@ -68,6 +76,7 @@ def _kinds() -> KindRegistry:
     registry.add(JobKind("nap", _nap, _any_params))
     registry.add(JobKind("gate", _gate, _any_params))
     registry.add(JobKind("flaky", _flaky, _any_params))
+    registry.add(JobKind("chatty", _chatty, _any_params))
     return registry
 
 
@@ -87,7 +96,7 @@ async def supervisor(
     base = load_settings(None, environ={})
     limits = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=concurrency)
     settings = dataclasses.replace(base, shutdown_grace=grace, queue_size=queue_size,
-                                   kinds={"nap": limits, "gate": limits,
+                                   kinds={"nap": limits, "gate": limits, "chatty": limits,
                                           "flaky": dataclasses.replace(limits, max_attempts=3)})
     sup = Supervisor(None, settings, _kinds(), OWNER, store=store)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
@@ -394,3 +403,36 @@ async def test_a_drain_during_the_back_off_leaves_the_job_queued(autojump_clock:
         assert trio.current_time() - start < 1  # a waiting job does not wait for the grace
     row = store.rows[job["id"]]
     assert (row["status"], row["attempts"], row["finished_at"]) == ("queued", 1, None)
+
+
+async def test_a_kinds_notes_land_before_its_final_status(autojump_clock: Any) -> None:
+    async with supervisor() as (sup, store):
+        seen_at_the_end: list[int] = []
+        store.feed.subscribe(lambda change: seen_at_the_end.append(len(store.notes))
+                             if change.event is not None and change.event.value == "fail"
+                             else None)
+        job = await sup.submit("chatty", {"count": 3, "fail": True, "level": "warning"})
+        await until_status(store, job["id"], "failed")
+    assert [(note.job_id, note.attempt, note.level, note.message) for note in store.notes] == [
+        (job["id"], 1, "warning", f"line {index}") for index in range(3)]
+    assert seen_at_the_end == [3]  # every note had landed when the status changed
+
+
+async def test_notes_are_bounded_cut_and_redacted(autojump_clock: Any) -> None:
+    from nurseryd.kinds.base import MAX_NOTE_CHARS, MAX_NOTES_PER_ATTEMPT
+
+    async with supervisor() as (sup, store):
+        many = await sup.submit("chatty", {"count": MAX_NOTES_PER_ATTEMPT + 50})
+        await until_status(store, many["id"], "completed")
+        secret = await sup.submit("chatty", {
+            "count": 1, "text": "GET https://bob:hunter2@feeds.example/x?token=abc " + "y" * 5000})
+        await until_status(store, secret["id"], "completed")
+        bad_level = await sup.submit("chatty", {"count": 1, "level": "shout"})
+        failed = await until_status(store, bad_level["id"], "failed")
+    notes = [note for note in store.notes if note.job_id == many["id"]]
+    assert len(notes) == MAX_NOTES_PER_ATTEMPT + 1
+    assert notes[-1].level == "warning" and "not kept" in notes[-1].message
+    [cut] = [note for note in store.notes if note.job_id == secret["id"]]
+    assert len(cut.message) <= MAX_NOTE_CHARS
+    assert "hunter2" not in cut.message and "abc" not in cut.message
+    assert "level must be one of" in failed["error"]

@@ -54,6 +54,9 @@ class GroupCommitter(Generic[T, R]):
         #: Round trips made and items they carried (observability, and the tests).
         self.flushes = 0
         self.items_flushed = 0
+        self._queued = 0  # items ever queued
+        self._settled = 0  # of those, items written, failed or dropped at the stop
+        self._settled_changed = trio.Event()
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` and wait until its batch is committed; returns its result."""
@@ -72,7 +75,20 @@ class GroupCommitter(Generic[T, R]):
         if self._stopped or self._closing:
             raise CommitterClosed(f"{self.name}: no longer accepting writes")
         self._pending.append((item, waiter))
+        self._queued += 1
         self._wakeup.set()
+
+    async def flushed(self) -> None:
+        """Wait until every item queued before this call is written (or its write
+        failed, or the committer stopped): a barrier for ``submit_nowait`` items."""
+        target = self._queued
+        while self._settled < target and not self._stopped:
+            await self._settled_changed.wait()
+
+    def _settle(self, count: int) -> None:
+        self._settled += count
+        self._settled_changed.set()
+        self._settled_changed = trio.Event()
 
     def close(self) -> None:
         """Accept nothing more; ``run`` returns once what is pending is written."""
@@ -94,10 +110,14 @@ class GroupCommitter(Generic[T, R]):
                     continue
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                finally:
+                    self._settle(len(batch))
         finally:
             self._stopped = True
             leftovers, self._pending = self._pending, []
+            self._settle(len(leftovers))
             for _, waiter in leftovers:
                 if waiter is not None:
                     waiter.error = CommitterClosed(f"{self.name}: stopped before this write")

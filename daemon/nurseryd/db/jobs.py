@@ -37,6 +37,7 @@ from ..store.base import (
     Change,
     ChangeFeed,
     JobChanged,
+    JobNote,
     NewJob,
     Row,
     Transition,
@@ -46,6 +47,7 @@ from ..store.base import (
     rerun_change,
 )
 from .database import Database
+from .notes import insert_notes
 
 __all__ = ["NewJob", "PostgresJobStore", "job_json", "now"]
 
@@ -303,6 +305,9 @@ class PostgresJobStore:
             _values(statuses_allowing(Event.RECOVER)))
         self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows)
         return len(rows)
+
+    async def add_notes(self, notes: Sequence[JobNote]) -> builtins.list[None]:
+        return await insert_notes(self.db, notes)
 
     async def rerun(self, job_id: int, owner: str) -> Row | None:
         try:

@@ -21,6 +21,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from ..db import events as event_log
+from ..db.notes import notes_of
 from ..lifecycle import Status
 from ..observe.events import (
     EVENTS_SECTION,
@@ -31,6 +32,7 @@ from ..observe.events import (
     JobEvent,
     TooManyStreams,
     log_line,
+    note_line,
     replay,
 )
 from ..services import Services
@@ -213,15 +215,21 @@ MAX_LOG_LINES = 1000
 
 @blueprint.get("/jobs/<job_id>/log")
 async def job_log(job_id: str) -> Response:
-    """The job's log: start, requeues, retries, the error, the end (from the event log)."""
+    """The job's log: start, requeues, retries, the error, the end (from the event
+    log), and the notes its kind wrote (``JobContext.note``), in time order."""
     services = get_services()
     number = parse_job_id(job_id)
     limit = int_arg("limit", 200, 1, MAX_LOG_LINES)
     if await services.supervisor.get_job(number) is None:
         raise JobNotFound(number)
     records = await event_log.job_history(services.db, number, limit + 1)
-    lines = [log_line(JobEvent.from_record(record)) for record in records[-limit:]]
-    return json_response({"job": number, "lines": lines, "truncated": len(records) > limit})
+    notes = await notes_of(services.db, number, limit + 1)
+    timed = [(record["at"], 0, log_line(JobEvent.from_record(record))) for record in records]
+    timed += [(note["at"], 1, note_line(note)) for note in notes]
+    timed.sort(key=lambda entry: entry[:2])  # at a tie, the status change first
+    lines = [line for _, _, line in timed]
+    return json_response({"job": number, "lines": lines[-limit:],
+                          "truncated": len(lines) > limit})
 
 
 async def prepare_event_hub(services: Services) -> None:

@@ -137,7 +137,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             "responses": {"200": _answer("how many matched and were requeued", JSON_OBJECT),
                           "422": invalid, "503": busy}}},
         "/jobs/{job_id}/log": {"get": {
-            "summary": "the job's log lines, from its recorded events",
+            "summary": "the job's log lines: its recorded events and its kind's notes",
             "parameters": [_JOB_ID, {"name": "limit", "in": "query",
                                      "schema": {"type": "string"}}],
             "responses": {"200": _answer("the lines", JSON_OBJECT), "404": missing,

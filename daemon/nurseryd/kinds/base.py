@@ -28,6 +28,12 @@ if TYPE_CHECKING:
     from ..observe.metrics import Metrics
 
 
+#: Notes one attempt of a job may write; one more line says the rest were dropped.
+MAX_NOTES_PER_ATTEMPT = 100
+#: A note's message is cut to this many characters.
+MAX_NOTE_CHARS = 2000
+
+
 class JobContext(Protocol):
     """The running job as its kind sees it."""
 
@@ -74,6 +80,14 @@ class JobContext(Protocol):
 
     def set_result(self, result: Any) -> None:
         """The JSON result stored with the job when it ends (also on failure)."""
+
+    def note(self, message: str, *, level: str = "warning") -> None:
+        """A line for the job's own log (``GET /jobs/{id}/log``), for what the
+        operator should know that no status says: a source that failed while the
+        others went on, rows rejected. Never blocks (written in the background,
+        like progress); ``level`` is ``info``, ``warning`` or ``error``. Bounded:
+        at most :data:`MAX_NOTES_PER_ATTEMPT` per attempt reach the log, each cut
+        to :data:`MAX_NOTE_CHARS` and redacted like a log line."""
 
 
 RunFn = Callable[[JobContext], Awaitable[None]]

@@ -433,3 +433,10 @@ def log_line(event: JobEvent) -> dict[str, Any]:
         message = f"{status.value}: {error or 'no reason recorded'} ({_counts(job)})"
     return {"id": event.id, "at": event.at.isoformat(), "level": level, "event": event.name,
             "message": message}
+
+
+def note_line(note: Any) -> dict[str, Any]:
+    """One line of a job's log from a note its kind wrote (``JobContext.note``);
+    ``event`` is ``"note"``, ``id`` the note's own (notes are not stream events)."""
+    return {"id": note["id"], "at": note["at"].isoformat(), "level": note["level"],
+            "event": "note", "message": f"attempt {note['attempt']}: {note['message']}"}

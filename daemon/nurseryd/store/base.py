@@ -126,6 +126,21 @@ class NewJob:
     submitted_by: str | None = None
 
 
+#: The levels of a :class:`JobNote` (the job log's levels).
+NOTE_LEVELS = ("info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class JobNote:
+    """A line a job's kind wrote for its operator (``JobContext.note``)."""
+
+    job_id: int
+    attempt: int
+    level: str
+    message: str
+    at: dt.datetime
+
+
 def _check_columns(values: Mapping[str, Any]) -> None:
     unknown = set(values) - set(UPDATABLE)
     if unknown:
@@ -269,6 +284,10 @@ class JobStore(Protocol):
     async def recover_own(self, owner: str, held: Sequence[int]) -> int:
         """Requeue (``recover``) this owner's running jobs whose ids are not in
         ``held``: nothing in the process runs them any more."""
+        ...
+
+    async def add_notes(self, notes: Sequence[JobNote]) -> builtins.list[None]:
+        """Store the lines kinds wrote for their jobs' logs (bounded per job)."""
         ...
 
     async def rerun(self, job_id: int, owner: str) -> Row | None:

@@ -28,6 +28,7 @@ from .base import (
     Change,
     ChangeFeed,
     JobChanged,
+    JobNote,
     NewJob,
     Row,
     Transition,
@@ -53,6 +54,8 @@ class MemoryJobStore:
         self.failures: dict[str, int] = {}
         self.calls = 0
         self._next_id = 1
+        #: What kinds noted for their jobs' logs, in order.
+        self.notes: list[JobNote] = []
 
     async def _round_trip(self, method: str) -> None:
         self.calls += 1
@@ -200,6 +203,11 @@ class MemoryJobStore:
                 recovered += 1
                 self.feed.publish([JobChanged(Event.RECOVER, self._copy(row))])
         return recovered
+
+    async def add_notes(self, notes: Sequence[JobNote]) -> builtins.list[None]:
+        await self._round_trip("add_notes")
+        self.notes += [note for note in notes if note.job_id in self.rows]
+        return [None] * len(notes)
 
     async def rerun(self, job_id: int, owner: str) -> Row | None:
         row = self.rows.get(job_id)

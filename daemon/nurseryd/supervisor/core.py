@@ -45,6 +45,7 @@ from ..lifecycle import ACTIVE, Event, Status, StopReason, statuses_allowing
 from ..observe.metrics import Metrics
 from ..store.base import (
     Change,
+    JobNote,
     JobStore,
     NewJob,
     Progress,
@@ -108,6 +109,10 @@ class Supervisor:
             "job inserts", store.insert)
         self._writer: GroupCommitter[Change, Row | None] = GroupCommitter(
             "job updates", store.apply)
+        #: Kinds' notes for their jobs' logs: written apart from status changes, so
+        #: a chatty kind never delays a final status write.
+        self._notes: GroupCommitter[JobNote, None] = GroupCommitter(
+            "job notes", store.add_notes, max_batch=500)
         self._intake = Intake(settings.queue_size)
         self._drain = Drain(settings.shutdown_grace)
         self._progress = ProgressFlusher(owner, self._write_soon, PROGRESS_INTERVAL_S)
@@ -117,6 +122,7 @@ class Supervisor:
             registry=self.registry, progress=self._progress,
             is_draining=lambda: self._drain.draining, wait_for_claim=self._wait_for_claim,
             claim_held=lambda: self._claim_held.is_set(), metrics=self.metrics,
+            note_soon=self._note_soon, notes_flushed=self._notes.flushed,
         )
         self._claim_held = trio.Event()
         self._claim_held.set()
@@ -148,6 +154,7 @@ class Supervisor:
         async with trio.open_nursery() as services:
             services.start_soon(self.inserts.run)
             services.start_soon(self._writer.run)
+            services.start_soon(self._notes.run)
             adopted = await self.store.adopt_orphans(self.owner)
             if adopted:
                 log.info("adopted %d unfinished job(s) from earlier runs", adopted)
@@ -167,6 +174,7 @@ class Supervisor:
                 periodic.cancel_scope.cancel()
             self.inserts.close()
             self._writer.close()
+            self._notes.close()
 
     # -- the owner lock ------------------------------------------------------------------
 
@@ -272,6 +280,12 @@ class Supervisor:
                     self._intake.release()
                     return
             await self._intake.wait_for_room()
+
+    def _note_soon(self, note: JobNote) -> None:
+        try:
+            self._notes.submit_nowait(note)
+        except CommitterClosed:
+            log.warning("job %d: a note after the writer closed was dropped", note.job_id)
 
     def _write_soon(self, change: Progress) -> None:
         try:

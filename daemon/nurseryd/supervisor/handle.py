@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..db import jobs as jobsdb
-from ..kinds.base import JobKind
+from ..kinds.base import MAX_NOTE_CHARS, MAX_NOTES_PER_ATTEMPT, JobKind
 from ..lifecycle import StopReason
-from ..store.base import Row
+from ..observe.logs import redact
+from ..store.base import NOTE_LEVELS, JobNote, Row, now
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -45,6 +46,9 @@ class JobHandle:
     commits_own_progress: bool = False
     #: The row as the final status write left it (None if it was not written).
     final_row: Row | None = None
+    #: The kind wrote a note this attempt: the final write waits for notes to land,
+    #: so a job's log is complete once its status says it ended.
+    noted: bool = False
 
     @classmethod
     def from_row(cls, row: Row, kind: JobKind) -> JobHandle:
@@ -75,8 +79,11 @@ class RunningJob:
         metrics: Metrics,
         progressed: Callable[[JobHandle], None],
         save_checkpoint: Callable[[JobHandle], Awaitable[None]],
+        noted: Callable[[JobNote], None],
     ) -> None:
         self._handle = handle
+        self._noted = noted
+        self._notes_written = 0
         self._owner = owner
         self._progressed = progressed
         self._save_checkpoint = save_checkpoint
@@ -113,3 +120,18 @@ class RunningJob:
 
     def set_result(self, result: Any) -> None:
         self._handle.result = result
+
+    def note(self, message: str, *, level: str = "warning") -> None:
+        if level not in NOTE_LEVELS:
+            raise ValueError(f"level must be one of {', '.join(NOTE_LEVELS)}, not {level!r}")
+        self._notes_written += 1
+        if self._notes_written > MAX_NOTES_PER_ATTEMPT + 1:
+            return
+        if self._notes_written == MAX_NOTES_PER_ATTEMPT + 1:
+            level, message = "warning", (f"more than {MAX_NOTES_PER_ATTEMPT} notes in this "
+                                         "attempt: the rest are not kept")
+        message = str(message).replace("\x00", "\ufffd")  # text columns hold no NUL
+        if len(message) > MAX_NOTE_CHARS:
+            message = message[:MAX_NOTE_CHARS - 1] + "…"
+        self._handle.noted = True
+        self._noted(JobNote(self.job_id, self.attempts, level, redact(message), now()))

@@ -24,7 +24,7 @@ from ..batching import CommitterClosed, GroupCommitter
 from ..db.transient import is_transient
 from ..errors import LostClaim, describe_failure
 from ..lifecycle import Event, Status, StopReason
-from ..store.base import Change, Progress, Row, Transition, now
+from ..store.base import Change, JobNote, Progress, Row, Transition, now
 from .handle import JobHandle, RunningJob
 from .intake import Intake
 from .watchers import ProgressFlusher
@@ -38,6 +38,9 @@ log = logging.getLogger("nurseryd.supervisor")
 
 #: A status write (start or final) gives up after this long: see the module docstring.
 STATUS_WRITE_TIMEOUT_S = 10.0
+#: How long a final write waits for the job's notes to land (they are not worth a
+#: late status: past this the status goes first and the notes follow).
+NOTES_FLUSH_TIMEOUT_S = 2.0
 #: However long the database is away, a final write is given up after this long.
 FINAL_WRITE_GIVE_UP_S = 120.0
 #: Back-off between attempts of a job that failed transiently: equal jitter, from
@@ -61,8 +64,12 @@ class JobRunner:
         wait_for_claim: Callable[[], Awaitable[None]],
         claim_held: Callable[[], bool],
         metrics: Metrics,
+        note_soon: Callable[[JobNote], None],
+        notes_flushed: Callable[[], Awaitable[None]],
     ) -> None:
         self.owner = owner
+        self._note_soon = note_soon
+        self._notes_flushed = notes_flushed
         self._db = db
         self._settings = settings
         self._writer = writer
@@ -164,7 +171,7 @@ class JobRunner:
 
         return RunningJob(handle, owner=self.owner, db=self._db, settings=self._settings,
                           metrics=self._metrics, progressed=self._progress.mark,
-                          save_checkpoint=save_checkpoint)
+                          save_checkpoint=save_checkpoint, noted=self._note_soon)
 
     async def _write(self, change: Change, timeout: float = STATUS_WRITE_TIMEOUT_S) -> Row | None:
         """Shielded and bounded; ``None`` if the guard refused it.
@@ -204,6 +211,10 @@ class JobRunner:
         transition = self._final_transition(handle, started, returned, raised, retry_in)
         if transition is None:
             return None
+        if handle.noted:  # its notes first, so the log is complete when the status shows
+            handle.noted = False
+            with trio.CancelScope(shield=True), trio.move_on_after(NOTES_FLUSH_TIMEOUT_S):
+                await self._notes_flushed()
         retrying = transition.event is Event.RETRY
         if retrying:  # waiting again from the moment the row says queued (/readyz, bound)
             self._intake.take_slot()

@@ -192,6 +192,8 @@ class FetchRun:
                 outcome.outcome, outcome.error = "error", f"{type(error).__name__}: {error}"
             finally:
                 outcome.duration_s = trio.current_time() - started
+            if outcome.outcome == "error":
+                self.ctx.note(f"source {source.name} failed, the others go on: {outcome.error}")
             self.progress.report()
             self.ctx.set_result(build_result(self.outcomes))
             self.ctx.metrics.fetch_source_done(source.name, outcome, failure)

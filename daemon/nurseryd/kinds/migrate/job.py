@@ -128,11 +128,27 @@ async def run_migration(ctx: JobContext) -> None:
             _remove(upload)
         raise
     ctx.set_result(result)
+    _note_outcome(ctx, result)
     _remove(upload)
     # Cancelled (by request, timeout or shutdown) is deliberately not handled here:
     # a shutdown requeues the job and it needs the file to resume, and a cancelled
     # or timed-out job may be retried; the sweeps remove the file once the job has
     # been ended for keep_ended_uploads.
+
+
+def _note_outcome(ctx: JobContext, result: dict[str, Any]) -> None:
+    """What the operator should know that the counters do not say at a glance."""
+    rejected = result.get("rejected") or 0
+    if rejected:
+        kept = migration_settings(ctx.settings).max_stored_rejects
+        stored = "" if rejected <= kept else f" (the first {kept} are kept)"
+        ctx.note(f"{rejected} row(s) rejected{stored}: GET /jobs/{ctx.job_id}/rejects "
+                 "lists each with its row number and reason")
+    ignored = result.get("ignored_columns") or []
+    if ignored:
+        ctx.note(f"{len(ignored)} column(s) matched no target column and were not imported: "
+                 + ", ".join(repr(str(name)) for name in ignored[:20])
+                 + (" …" if len(ignored) > 20 else ""), level="info")
 
 
 def rerun_blocker(params: Mapping[str, Any], settings: Settings) -> str | None:
