@@ -135,3 +135,39 @@ def test_progress_line_shows_share_rate_and_eta() -> None:
     unknown_total = render.progress_line({"id": 1, "kind": "sleep", "status": "queued",
                                           "total": None, "processed": 0}, width=4)
     assert unknown_total == "job 1 sleep queued [    ]     0"
+
+
+async def test_import_db_retry_show_and_log(database_url: str, state_dir: Path,
+                                            tmp_path: Path) -> None:
+    from tests.source_dbs import make_sqlite_source
+
+    source = make_sqlite_source(tmp_path / "legacy.db", 300)
+    config = tmp_path / "nurseryd.toml"
+    config.write_text(f'[sources.legacy]\nurl = "sqlite:///{source}"\ntable = "chats"\n'
+                      'key = ["chat_id"]\nbatch_rows = 100\n')
+    env = {"NURSERYD_DATABASE_URL": database_url, "NURSERYD_STATE_DIR": str(state_dir)}
+    async with DaemonProcess.start(env, args=["--config", str(config)]) as daemon:
+        imported = await cli(daemon, "import-db", "legacy", "--wait")
+        assert imported.returncode == 0, imported.stderr
+        assert "completed: 300/300" in imported.stdout
+        unknown = await cli(daemon, "import-db", "nope")
+        assert unknown.returncode == 2 and "nope" in unknown.stderr
+
+        job = json.loads((await cli(daemon, "submit", "sleep", "seconds=60", "--json")).stdout)
+        assert (await cli(daemon, "cancel", str(job["id"]))).returncode == 0
+        retried = await cli(daemon, "retry", str(job["id"]))
+        assert retried.returncode == 0, retried.stderr
+        assert retried.stdout.strip() == f"job {job['id']} queued again"
+        again = await cli(daemon, "retry", str(job["id"]))
+        assert again.returncode == 2 and "cannot be retried" in again.stderr
+        shown = await cli(daemon, "show", str(job["id"]))
+        assert shown.returncode == 0 and "sleep" in shown.stdout
+        await cli(daemon, "cancel", str(job["id"]))
+
+        log = await cli(daemon, "log", str(job["id"]))
+        assert log.returncode == 0, log.stderr
+        messages = [line.split(None, 3)[-1] for line in log.stdout.splitlines()]
+        assert messages[0].startswith("recorded: sleep")
+        assert any(message.startswith("queued again by request") for message in messages)
+        as_json = json.loads((await cli(daemon, "log", str(job["id"]), "--json")).stdout)
+        assert [line["event"] for line in as_json["lines"]][:2] == ["created", "started"]

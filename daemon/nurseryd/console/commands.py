@@ -73,6 +73,10 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     jobs.add_argument("--status")
     jobs.add_argument("--limit", type=int, default=20)
 
+    log = client("log", "the job's log: each attempt, its notes, how it ended")
+    log.add_argument("id", type=int)
+    log.add_argument("--limit", type=int, default=200, help="the newest N lines (at most 1000)")
+
     for name, help_text in (("show", "one job, every field"),
                             ("watch", "follow a job with a progress bar until it ends"),
                             ("cancel", "cancel a queued or running job"),
@@ -190,6 +194,12 @@ def _show(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
 @command("watch")
 def _watch(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
     return _follow(api, api.get(f"/jobs/{args.id}"), out, as_json=args.json)
+
+
+@command("log")
+def _log(args: argparse.Namespace, api: ApiClient, out: TextIO) -> int:
+    body = api.get(f"/jobs/{args.id}/log", limit=args.limit)
+    return _print(args, out, body, render.log_text(body))
 
 
 @command("rejects")

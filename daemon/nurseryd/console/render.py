@@ -113,3 +113,12 @@ def rejects_csv(rejects: Sequence[Mapping[str, Any]]) -> str:
         writer.writerow([reject.get("row"), reject.get("column"), reject.get("reason"),
                          json.dumps(reject.get("values"), ensure_ascii=False)])
     return out.getvalue()
+
+
+def log_text(body: Mapping[str, Any]) -> str:
+    """A job's log (``GET /jobs/{id}/log``) as lines: time, level, what happened."""
+    lines = [f"{line['at'][:23].replace('T', ' ')}  {line['level']:<7}  {line['message']}"
+             for line in body["lines"]]
+    if body.get("truncated"):
+        lines.insert(0, "(older lines left out; --limit shows more)")
+    return "\n".join(lines) if lines else "no lines"
