@@ -24,8 +24,8 @@ run: $(STAMP)
 # The dashboard's browser tests drive Debian's chromium (playwright never downloads one).
 test: $(STAMP)
 	command -v chromium >/dev/null || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
-		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
-		--no-install-recommends chromium; }
+		$$SUDO apt-get -o DPkg::Lock::Timeout=600 update -q && DEBIAN_FRONTEND=noninteractive \
+		$$SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends chromium; }
 	$(VENV)/bin/ruff check daemon tests bench
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q $(PYTEST_ARGS)
