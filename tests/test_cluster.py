@@ -252,14 +252,16 @@ async def test_three_daemons_share_work_cancel_across_survive_a_kill_and_fire_on
 
             await eventually(fetched_after_the_kill, timeout=15)
             # Every tick any daemon made (a fetch started, or skipped because the
-            # last one still ran), from their logs: one per interval in all.
+            # last one still ran), from their logs: one per interval in all. (A line
+            # is logged once the tick's submission returns, up to a few hundred ms
+            # after the tick on a busy machine; two leaders would tick ~0 s apart.)
             ticks = sorted(
                 dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
                 for daemon in daemons for line in daemon.log
                 if "scheduled fetch started" in line or "scheduled fetch skipped" in line)
             gaps = [(later - earlier).total_seconds()
                     for earlier, later in zip(ticks, ticks[1:], strict=False)]
-            assert len(ticks) >= 3 and min(gaps) >= 0.9 * INTERVAL_S, gaps
+            assert len(ticks) >= 3 and min(gaps) >= 0.5 * INTERVAL_S, gaps
             background.cancel_scope.cancel()
         for client in clients:
             await client.aclose()

@@ -309,15 +309,15 @@ class PostgresJobStore:
             self.feed.publish([JobChanged(Event.CANCEL, row)])
         return row
 
-    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> Row | None:
         """Record the request and NOTIFY it (delivered at commit to every daemon:
         the one holding the job stops it at once; the 1 s poll is the fallback)."""
-        await self.db.execute(
+        return await self.db.fetchrow(
             "WITH asked AS (UPDATE jobs"
             " SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
             " cancelled_by = coalesce(cancelled_by, $3)"
-            " WHERE id = $1 AND status = ANY($2::text[]) RETURNING id)"
-            f" SELECT pg_notify('{CANCEL_CHANNEL}', id::text) FROM asked",
+            f" WHERE id = $1 AND status = ANY($2::text[]) RETURNING {_RETURNING})"
+            f" SELECT asked.*, pg_notify('{CANCEL_CHANNEL}', asked.id::text) FROM asked",
             job_id, _values(ACTIVE), by)
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:

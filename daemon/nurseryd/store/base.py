@@ -263,9 +263,10 @@ class JobStore(Protocol):
         becomes its ``cancelled_by``."""
         ...
 
-    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> Row | None:
         """Record a cancel request (and who asked: ``cancelled_by``, first asker wins)
-        for the daemon that holds the job."""
+        for the daemon that holds the job, and tell it (``ClusterSignals.cancel``);
+        the row, or ``None`` if the job is not queued or running."""
         ...
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:

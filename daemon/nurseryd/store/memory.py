@@ -181,13 +181,15 @@ class MemoryJobStore:
         self._changed(before, row)
         return self._copy(row)
 
-    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> Row | None:
         await self._round_trip("request_cancel")
         row = self.rows.get(job_id)
-        if row is not None and Status(row["status"]) in ACTIVE:
-            row["cancel_requested_at"] = row["cancel_requested_at"] or now()
-            row["cancelled_by"] = row["cancelled_by"] or by
-            self._signal("cancel", job_id)
+        if row is None or Status(row["status"]) not in ACTIVE:
+            return None
+        row["cancel_requested_at"] = row["cancel_requested_at"] or now()
+        row["cancelled_by"] = row["cancelled_by"] or by
+        self._signal("cancel", job_id)
+        return self._copy(row)
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         await self._round_trip("cancel_requests_among")

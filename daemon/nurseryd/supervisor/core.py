@@ -572,13 +572,14 @@ class Supervisor:
         holder stops the job at once (its cancel-request watcher, within
         REMOTE_CANCEL_POLL_S, should the notification be lost), and the ending's own
         notification (``cancel_done``) wakes us to read the final row."""
-        job = await self.get_job(job_id)
-        if job is None:
-            raise JobNotFound(job_id)
-        if Status(job["status"]).is_terminal:
-            raise JobAlreadyFinished(job)
         ended = self._cancel_waiters.setdefault(job_id, trio.Event())
-        await self.store.request_cancel(job_id, cancelled_by)
+        if await self.store.request_cancel(job_id, cancelled_by) is None:
+            if self._cancel_waiters.get(job_id) is ended and not ended.is_set():
+                del self._cancel_waiters[job_id]
+            job = await self.get_job(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            raise JobAlreadyFinished(job)
 
         async def stopped() -> dict[str, Any] | None:
             current = await self.get_job(job_id)

@@ -32,6 +32,38 @@ CREATE TRIGGER jobs_claimable_released AFTER UPDATE OF status, owner ON jobs
                        AND (OLD.owner IS NOT NULL OR OLD.status <> 'queued'))
     EXECUTE FUNCTION nurseryd_notify_claimable();
 
+-- An owned, unfinished job stopped being one (it ended, or was released): a slot of its
+-- kind is free somewhere, which is what a claimer held back by a cluster-wide limit
+-- (nurseryd.db.jobs: _CLAIM_LIMITED) waits for. Folded per transaction like the above.
+CREATE FUNCTION nurseryd_notify_slot_freed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('nurseryd_slot_freed', NEW.kind);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_slot_freed AFTER UPDATE OF status, owner ON jobs
+    FOR EACH ROW WHEN (OLD.owner IS NOT NULL AND OLD.status IN ('queued', 'running')
+                       AND (NEW.owner IS NULL OR NEW.status NOT IN ('queued', 'running')))
+    EXECUTE FUNCTION nurseryd_notify_slot_freed();
+
+-- A job someone asked to cancel (request_cancel NOTIFYs its holder) has ended: the
+-- daemon that asked, waiting to answer the request, reads the final row at once.
+CREATE FUNCTION nurseryd_notify_cancel_done() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('nurseryd_cancel_done', NEW.id::text);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_cancel_done AFTER UPDATE OF status ON jobs
+    FOR EACH ROW WHEN (NEW.cancel_requested_at IS NOT NULL
+                       AND OLD.status IN ('queued', 'running')
+                       AND NEW.status NOT IN ('queued', 'running'))
+    EXECUTE FUNCTION nurseryd_notify_cancel_done();
+
 -- The daemons that share this database, one row per process (its owner name). A member
 -- is alive exactly while its process holds its owner lock (the same advisory lock that
 -- fences its jobs), so peers find a dead one with one small query, twice a second,
