@@ -133,7 +133,17 @@ async def test_three_daemons_share_work_cancel_across_survive_a_kill_and_fire_on
         async with open_database(database_url, min_size=1, max_size=2) as conn, \
                 start_daemons([env, env, env]) as daemons, _logs_on_failure(daemons), \
                 trio.open_nursery() as background:
-            a, b, c = daemons
+            # A is whichever daemon leads the fetch schedule: it is the one killed, so
+            # the takeover of its jobs and of the schedule are both exercised.
+            async def leader() -> DaemonProcess | None:
+                leading = [daemon for daemon in daemons
+                           if "fetch schedule: this daemon leads" in daemon.log_text()]
+                assert len(leading) <= 1, "two leaders"
+                return leading[0] if leading else None
+
+            a = await eventually(leader, timeout=10)
+            b, c = (daemon for daemon in daemons if daemon is not a)
+            daemons[:] = [a, b, c]  # named A, B, C in the logs printed on failure
             clients = [daemon.client() for daemon in daemons]
             ca, cb, cc = clients
             stream = Stream()
@@ -251,6 +261,7 @@ async def test_three_daemons_share_work_cancel_across_survive_a_kill_and_fire_on
                     " AND created_at > $1", killed_at) >= 1
 
             await eventually(fetched_after_the_kill, timeout=15)
+            assert any("previous leader: gone" in daemon.log_text() for daemon in (b, c))
             # Every tick any daemon made (a fetch started, or skipped because the
             # last one still ran), from their logs: one per interval in all. (A line
             # is logged once the tick's submission returns, up to a few hundred ms
