@@ -17,8 +17,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
+from nurseryd.config import ConfigError, load_settings
 from nurseryd.db import Database, open_database
 from tests import xlsx_factory as xf
 from tests.daemon_process import DaemonProcess, start_daemons
@@ -281,3 +283,24 @@ async def test_three_daemons_share_work_cancel_across_survive_a_kill_and_fire_on
 async def _status_is(conn: Database, job_id: int, status: str) -> bool:
     return await conn.fetchval("SELECT status FROM jobs WHERE id = $1", job_id) == status
 
+
+
+def test_cluster_settings_parse_and_refuse_what_is_wrong(tmp_path: Path) -> None:
+    config = tmp_path / "nurseryd.toml"
+    config.write_text("[cluster]\nshared_queue = true\nbacklog = 500\nclaim_poll = \"250ms\"\n"
+                      "[kinds.migration]\ncluster_concurrency = 1\n")
+    settings = load_settings(config, environ={})
+    assert (settings.cluster.shared_queue, settings.cluster.backlog,
+            settings.cluster.claim_poll_s) == (True, 500, 0.25)
+    assert settings.limits("migration").cluster_concurrency == 1
+    assert settings.limits("migration").concurrency == 2  # the built-in, kept
+    assert load_settings(None, environ={}).limits("migration").cluster_concurrency is None
+    assert load_settings(None, environ={}).cluster.shared_queue is False
+    for text, key in [("[cluster]\nshared = true\n", "cluster.shared"),
+                      ("[cluster]\nbacklog = 0\n", "cluster.backlog"),
+                      ("[cluster]\nclaim_poll = \"1ms\"\n", "cluster.claim_poll"),
+                      ("[kinds.sleep]\ncluster_concurrency = 0\n",
+                       "kinds.sleep.cluster_concurrency")]:
+        config.write_text(text)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_settings(config, environ={})

@@ -12,7 +12,7 @@ store *changes*, and the store applies them in batches:
   status change, under the same kind of guard (by default: the job is running).
 
 Because every status change passes through :meth:`JobStore.apply` (and the two
-narrower doors :meth:`~JobStore.cancel_queued` and :meth:`~JobStore.adopt_orphans`,
+narrower doors :meth:`~JobStore.cancel_queued` and :meth:`~JobStore.release_orphans`,
 which are transitions too), whatever must see every change — the event stream,
 metrics, a job's log, notifications to other daemons — subscribes here with
 :meth:`ChangeFeed.subscribe` and can neither miss a change nor report one that did
@@ -322,7 +322,8 @@ class JobStore(Protocol):
         ...
 
     async def rerun(self, job_id: int, owner: str | None) -> Row | None:
-        """The ``rerun`` transition: an ended job back to ``queued`` for ``owner``,
+        """The ``rerun`` transition: an ended job back to ``queued`` for ``owner``
+        (``None``: claimable),
         its outcome cleared and its checkpoint and counters kept (it resumes);
         ``None`` if its status does not allow it. Raises
         :class:`~nurseryd.errors.JobConflict` when a unique rule refuses (another

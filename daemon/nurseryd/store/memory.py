@@ -6,7 +6,8 @@ terminal statuses are final — so the supervisor's subtlest logic (grace and
 force, slot accounting, cancel racing the final write) can be tested under
 trio's ``MockClock`` without a server. Liveness of other owners is a set the
 test controls (:attr:`MemoryJobStore.live_owners`), standing in for advisory
-locks.
+locks. Several supervisors on one store are a cluster: the store delivers to
+each one's :class:`ClusterSignals` what PostgreSQL's triggers and NOTIFYs would.
 
 Each call checkpoints once, as a database round trip would, so tests see the
 same interleavings a real store allows.

@@ -185,7 +185,8 @@ class Supervisor:
             await self.store.join(self.owner)
             released = await self.store.release_orphans(self.owner)
             if released:
-                log.info("%d unfinished job(s) of earlier runs are claimable again", released)
+                log.info("adopted %d unfinished job(s) from earlier runs: claimable again, for"
+                         " whichever daemon has a free slot (this one first)", released)
             async with trio.open_nursery() as periodic:
                 periodic.start_soon(self._progress.run)
                 periodic.start_soon(watch_cancel_requests, self.store, self.registry,
@@ -226,7 +227,7 @@ class Supervisor:
     # -- the owner lock ------------------------------------------------------------------
 
     def claim_lost(self) -> None:
-        """The owner lock is gone: a peer may adopt our jobs. Stop every running job
+        """The owner lock is gone: a peer may take our jobs. Stop every running job
         (each goes back to ``queued``, a write guarded by owner and attempt, so
         nothing lands if a peer took it first) and start none until
         :meth:`claim_regained`."""
