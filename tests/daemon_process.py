@@ -11,6 +11,11 @@ Subprocess::
 
     async with DaemonProcess.start(env) as proc:    # waits until /readyz is 200
         proc.send_signal(signal.SIGTERM); code = await proc.wait()
+
+Several subprocesses at once (a cluster on one database), started side by side::
+
+    async with start_daemons([env_a, env_b, env_c]) as (a, b, c):
+        ...
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,3 +180,43 @@ class DaemonProcess:
 
     def log_text(self) -> str:
         return "\n".join(self.log)
+
+
+@asynccontextmanager
+async def start_daemons(
+    envs: Sequence[Mapping[str, str]], *, ready_timeout: float = 45
+) -> AsyncIterator[list[DaemonProcess]]:
+    """``nurseryd serve`` once per env, all started at once; yields them once every
+    one answers ``/readyz``. Each is killed (if still running) when the block ends."""
+    daemons: list[DaemonProcess] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for env in envs:
+                full_env = {**os.environ, "NURSERYD_BIND": "127.0.0.1:0",
+                            "NURSERYD_DIAGNOSTICS": "1", **env}
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "nurseryd.cli", "serve"],
+                    env=full_env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                daemon = DaemonProcess(process, full_env)
+                daemons.append(daemon)
+                nursery.start_soon(daemon._read_log)
+            with trio.fail_after(ready_timeout):
+                for daemon in daemons:
+                    await daemon._listening.wait()
+                    if not daemon.base_url:
+                        await daemon.process.wait()
+                        raise RuntimeError(
+                            f"daemon exited with {daemon.process.returncode} before "
+                            f"listening:\n{daemon.log_text()}")
+                async with trio.open_nursery() as ready:
+                    for daemon in daemons:
+                        ready.start_soon(daemon.wait_ready)
+            yield daemons
+            nursery.cancel_scope.cancel()
+    finally:
+        for daemon in daemons:
+            if daemon.process.returncode is None:
+                daemon.process.kill()
+        with trio.CancelScope(shield=True):
+            for daemon in daemons:
+                await daemon.process.wait()

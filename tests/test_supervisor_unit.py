@@ -90,15 +90,21 @@ def _fresh_gates() -> None:
 @asynccontextmanager
 async def supervisor(
     store: MemoryJobStore | None = None, *, grace: float = 20.0, queue_size: int = 100,
-    concurrency: int = 10,
+    concurrency: int = 10, owner: str = OWNER, shared_queue: bool = False,
+    cluster_concurrency: int | None = None,
 ) -> AsyncIterator[tuple[Supervisor, MemoryJobStore]]:
+    """One supervisor on ``store``; several on one store are a cluster (each one's
+    ``owner`` in ``store.live_owners`` while it counts as alive)."""
     store = store or MemoryJobStore()
     base = load_settings(None, environ={})
     limits = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=concurrency)
-    settings = dataclasses.replace(base, shutdown_grace=grace, queue_size=queue_size,
-                                   kinds={"nap": limits, "gate": limits, "chatty": limits,
-                                          "flaky": dataclasses.replace(limits, max_attempts=3)})
-    sup = Supervisor(None, settings, _kinds(), OWNER, store=store)  # type: ignore[arg-type]
+    settings = dataclasses.replace(
+        base, shutdown_grace=grace, queue_size=queue_size,
+        kinds={"nap": limits, "chatty": limits, "gate": dataclasses.replace(
+                   limits, cluster_concurrency=cluster_concurrency),
+               "flaky": dataclasses.replace(limits, max_attempts=3)},
+        cluster=dataclasses.replace(base.cluster, shared_queue=shared_queue))
+    sup = Supervisor(None, settings, _kinds(), owner, store=store)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
         try:
@@ -191,9 +197,10 @@ async def test_cancel_during_the_backlog_load_cancels_once_and_never_starts(
     autojump_clock: Any,
 ) -> None:
     store = MemoryJobStore()
-    # Jobs left queued by an earlier run of this owner's predecessor (a dead owner).
+    # Jobs of ours that nothing holds (their hand-off was lost): the backlog scan
+    # loads them. (A dead owner's jobs are released and claimed instead.)
     for name in ("x", "y"):
-        await store.insert([_new_job(name)])
+        await store.insert([_new_job(name, OWNER)])
     slow_load = store.gates["queued_for"] = trio.Event()  # the backlog load waits
     async with trio.open_nursery() as nursery:
         async with supervisor(store) as (sup, _):
@@ -215,11 +222,11 @@ async def test_cancel_during_the_backlog_load_cancels_once_and_never_starts(
     assert store.rows[1]["error"] == "cancelled on request"
 
 
-def _new_job(name: str) -> Any:
+def _new_job(name: str, owner: str | None = "dead-host:9:gone") -> Any:
     from nurseryd.store.base import NewJob
 
     GATES.setdefault(name, trio.Event()).set()
-    return NewJob("gate", {"name": name}, 60.0, "dead-host:9:gone")
+    return NewJob("gate", {"name": name}, 60.0, owner)
 
 
 async def test_cancel_racing_the_final_write_keeps_the_real_ending(autojump_clock: Any) -> None:
@@ -436,3 +443,138 @@ async def test_notes_are_bounded_cut_and_redacted(autojump_clock: Any) -> None:
     assert len(cut.message) <= MAX_NOTE_CHARS
     assert "hunter2" not in cut.message and "abc" not in cut.message
     assert "level must be one of" in failed["error"]
+
+
+# -- several supervisors on one store: a cluster ---------------------------------------
+
+A, B = "host-a:1:a", "host-b:2:b"
+
+
+@asynccontextmanager
+async def cluster(**options: Any) -> AsyncIterator[tuple[Supervisor, Supervisor, MemoryJobStore]]:
+    store = MemoryJobStore()
+    store.live_owners |= {A, B}
+    async with supervisor(store, owner=A, **options) as (first, _), \
+            supervisor(store, owner=B, **options) as (second, _):
+        yield first, second, store
+
+
+async def test_a_job_without_a_free_slot_here_runs_on_a_peer_that_has_one(
+    autojump_clock: Any,
+) -> None:
+    async with cluster(shared_queue=True, concurrency=1) as (a, b, store):
+        first = await a.submit("gate", {"name": "1"})
+        await STARTED.setdefault("1", trio.Event()).wait()
+        second = await a.submit("gate", {"name": "2"})  # no slot on A: into the table
+        assert store.rows[second["id"]]["owner"] is None
+        start = trio.current_time()
+        await STARTED.setdefault("2", trio.Event()).wait()
+        assert trio.current_time() - start < 0.01  # woken by the notification, no poll
+        third = await a.submit("gate", {"name": "3"})  # neither has a slot: it waits
+        await trio.sleep(30)
+        assert store.rows[third["id"]]["status"] == "queued"
+        assert a.claimer.claimed == 0 and b.claimer.claimed == 1
+        GATES.setdefault("1", trio.Event()).set()  # A's slot frees: A claims the third
+        await STARTED.setdefault("3", trio.Event()).wait()
+        for name in "23":
+            GATES.setdefault(name, trio.Event()).set()
+        for job in (first, second, third):
+            await until_status(store, job["id"], "completed")
+    owners = [store.rows[job["id"]]["owner"] for job in (first, second, third)]
+    assert owners == [A, B, A]
+    assert [store.rows[job["id"]]["attempts"] for job in (first, second, third)] == [1, 1, 1]
+
+
+async def test_without_a_shared_queue_a_job_waits_for_its_own_daemon(
+    autojump_clock: Any,
+) -> None:
+    async with cluster(concurrency=1) as (a, b, store):
+        first = await a.submit("gate", {"name": "1"})
+        second = await a.submit("gate", {"name": "2"})
+        await trio.sleep(30)
+        assert store.rows[second["id"]]["status"] == "queued"
+        assert store.rows[second["id"]]["owner"] == A and b.claimer.claimed == 0
+        for name in "12":
+            GATES.setdefault(name, trio.Event()).set()
+        await until_status(store, second["id"], "completed")
+        await until_status(store, first["id"], "completed")
+
+
+async def test_a_cluster_wide_limit_holds_across_daemons(autojump_clock: Any) -> None:
+    running: list[int] = []
+    most = 0
+
+    def count(change: Any) -> None:
+        nonlocal most
+        row = change.row
+        if row["status"] == "running" and row["id"] not in running:
+            running.append(row["id"])
+        elif row["status"] != "running" and row["id"] in running:
+            running.remove(row["id"])
+        most = max(most, len(running))
+
+    async with cluster(cluster_concurrency=2) as (a, b, store):
+        store.feed.subscribe(count)
+        jobs = [await (a if index % 2 else b).submit("gate", {"name": str(index)})
+                for index in range(6)]
+        assert all(store.rows[job["id"]]["owner"] in (A, B, None) for job in jobs)
+        await trio.sleep(10)
+        assert len(running) == 2
+        for index in range(6):
+            GATES.setdefault(str(index), trio.Event()).set()
+            await trio.sleep(0.5)
+        for job in jobs:
+            await until_status(store, job["id"], "completed")
+    assert most == 2
+
+
+async def test_a_cancel_through_one_daemon_stops_a_job_on_another_at_once(
+    autojump_clock: Any,
+) -> None:
+    async with cluster() as (a, b, store):
+        job = await a.submit("nap", {"seconds": 3600})
+        await until_status(store, job["id"], "running")
+        start = trio.current_time()
+        answer = await b.cancel(job["id"], cancelled_by="ops")
+        assert trio.current_time() - start < 0.01  # notifications both ways, no poll
+        assert (answer["status"], answer["cancelled_by"]) == ("cancelled", "ops")
+    assert store.rows[job["id"]]["owner"] == A
+
+
+async def test_a_dead_members_jobs_are_taken_over_after_the_confirm_window(
+    autojump_clock: Any,
+) -> None:
+    from nurseryd.supervisor.core import TAKEOVER_CONFIRM_S
+
+    async with cluster() as (a, b, store):
+        job = await a.submit("nap", {"seconds": 60})
+        await until_status(store, job["id"], "running")
+        # A's lock connection is cut: A stops its job; its lock is free from now on.
+        a.claim_lost()
+        store.live_owners.discard(A)
+        lost = trio.current_time()
+        await until_status(store, job["id"], "queued")
+        row = await until_status(store, job["id"], "running")
+        took = trio.current_time() - lost
+        assert row["owner"] == B and row["attempts"] == 2
+        assert TAKEOVER_CONFIRM_S <= took <= TAKEOVER_CONFIRM_S + 1.0
+        a.claim_regained()  # A is back: what it held was fenced, nothing of it runs
+        done = await until_status(store, job["id"], "completed")
+    assert (done["owner"], done["attempts"]) == (B, 2)
+    assert A not in store.members
+
+
+async def test_a_clean_stop_hands_its_queued_jobs_to_the_peers(autojump_clock: Any) -> None:
+    store = MemoryJobStore()
+    store.live_owners |= {A, B}
+    async with supervisor(store, owner=B, concurrency=1) as (b, _):
+        async with supervisor(store, owner=A, concurrency=1, grace=0) as (a, _):
+            first = await a.submit("gate", {"name": "1"})
+            second = await a.submit("gate", {"name": "2"})  # waits on A's own slot
+            await STARTED.setdefault("1", trio.Event()).wait()
+        # A stopped cleanly: its queued (and interrupted) jobs went to the pool at once.
+        GATES.setdefault("1", trio.Event()).set()
+        GATES.setdefault("2", trio.Event()).set()
+        await until_status(store, first["id"], "completed")
+        await until_status(store, second["id"], "completed")
+    assert {store.rows[job["id"]]["owner"] for job in (first, second)} == {B}

@@ -38,6 +38,25 @@ class KindLimits:
     #: Attempts in all before a transient failure (the database went away) fails
     #: the job for good; each attempt is counted in the job's ``attempts``.
     max_attempts: int = 5
+    #: At most this many jobs of the kind run (or are claimed to run) across every
+    #: daemon sharing the database, enforced by the claim statement; ``None``: no
+    #: cluster-wide limit (``concurrency`` still bounds each daemon).
+    cluster_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``[cluster]`` table: several daemons on one database (docs/operations.md)."""
+
+    #: A job this daemon has no free slot for (its kind's ``concurrency``) waits in
+    #: the table, where any daemon with a free slot claims it; off: it waits in this
+    #: daemon's memory for this daemon's slot (bounded by ``queue_size``).
+    shared_queue: bool = False
+    #: Jobs waiting in the table for any daemon, at most (past it, 503); cluster-wide.
+    backlog: int = 100_000
+    #: How often the table is asked for claimable jobs when no notification came
+    #: (five times less often while notifications arrive).
+    claim_poll_s: float = 1.0
 
 
 DEFAULT_KIND_LIMITS = KindLimits(default_timeout_s=3600, max_timeout_s=86400, concurrency=64)
@@ -112,6 +131,8 @@ class Settings:
     #: The diagnostic job kinds (``sleep``, ``sql_sleep``, ``noop``) are served:
     #: off by default, since anyone allowed to submit could tie up slots with them.
     diagnostics: bool = False
+    #: ``[cluster]``: sharing work with other daemons on the same database.
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: Parsed feature sections, by section name (see :class:`ConfigSection`).
     sections: Mapping[str, Any] = field(default_factory=dict)
 
@@ -212,7 +233,7 @@ _ENV_KEYS = {
 }
 _TOP_LEVEL_KEYS = {"bind", "state_dir", "database_url", "shutdown_grace", "queue_size",
                    "log_level", "log_format", "access_log", "metrics_token", "kinds",
-                   "diagnostics"}
+                   "diagnostics", "cluster"}
 _TOP_LEVEL_KEYS.add("access")  # [access]: parsed by credentials.parse_access
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _LOG_FORMATS = ("text", "json")
@@ -273,8 +294,9 @@ def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
         if not isinstance(table, dict):
             raise ConfigError(f"kinds.{name}", "expected a table")
         base = limits.get(name, DEFAULT_KIND_LIMITS)
-        check_keys(f"kinds.{name}", table,
-                   {"default_timeout_s", "max_timeout_s", "concurrency", "max_attempts"})
+        check_keys(f"kinds.{name}", table, {"default_timeout_s", "max_timeout_s",
+                                            "concurrency", "max_attempts",
+                                            "cluster_concurrency"})
         default = parse_duration(f"kinds.{name}.default_timeout_s",
                                  table.get("default_timeout_s", base.default_timeout_s))
         maximum = parse_duration(f"kinds.{name}.max_timeout_s",
@@ -288,8 +310,31 @@ def _parse_kind_limits(raw: Any) -> dict[str, KindLimits]:
                                          table.get("concurrency", base.concurrency))
         max_attempts = parse_positive_int(f"kinds.{name}.max_attempts",
                                           table.get("max_attempts", base.max_attempts))
-        limits[name] = KindLimits(default, maximum, concurrency, max_attempts)
+        cluster_concurrency = base.cluster_concurrency
+        if "cluster_concurrency" in table:
+            cluster_concurrency = parse_positive_int(f"kinds.{name}.cluster_concurrency",
+                                                     table["cluster_concurrency"])
+        limits[name] = KindLimits(default, maximum, concurrency, max_attempts,
+                                  cluster_concurrency)
     return limits
+
+
+def _parse_cluster(raw: Any) -> ClusterSettings:
+    if raw is None:
+        return ClusterSettings()
+    if not isinstance(raw, dict):
+        raise ConfigError("cluster", "expected a table: [cluster] shared_queue = true")
+    check_keys("cluster", raw, {"shared_queue", "backlog", "claim_poll"})
+    base = ClusterSettings()
+    poll = parse_duration("cluster.claim_poll", raw.get("claim_poll", base.claim_poll_s))
+    if not 0.05 <= poll <= 60:
+        raise ConfigError("cluster.claim_poll", f"must be between 50ms and 60s, got {poll:g} s")
+    return ClusterSettings(
+        shared_queue=parse_bool("cluster.shared_queue",
+                                raw.get("shared_queue", base.shared_queue)),
+        backlog=parse_positive_int("cluster.backlog", raw.get("backlog", base.backlog)),
+        claim_poll_s=poll,
+    )
 
 
 def _parse_diagnostics(raw: Any) -> bool:
@@ -393,5 +438,6 @@ def load_settings(
         access=parse_access(raw.get("access"), environ, bind_host=host),
         kinds=_parse_kind_limits(core.get("kinds")),
         diagnostics=_parse_diagnostics(core.get("diagnostics")),
+        cluster=_parse_cluster(core.get("cluster")),
         sections=sections,
     )

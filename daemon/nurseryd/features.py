@@ -13,6 +13,7 @@ This module sits above ``http/`` and ``kinds/`` (it imports both) and below
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from quart import Blueprint
 
 from .config import ConfigSection, Settings
+from .db.cluster import lead
 from .http.actions import blueprint as actions_blueprint
 from .http.events import blueprint as events_blueprint
 from .http.events import prepare_event_hub, run_event_hub
@@ -64,6 +66,29 @@ class Feature:
     enabled: Callable[[Settings], bool] = lambda settings: True
 
 
+async def run_fetch_schedule_once_in_cluster(services: Services) -> None:
+    """The fetch schedule, run by one daemon of those sharing the database: the
+    leader of ``fetch schedule`` (an advisory lock; see ``db/cluster.py``). A
+    daemon that takes the lead from one that died continues the grid from the
+    latest fetch (``run_at_start`` is for a cluster's start, not a takeover)."""
+    config = services.settings.section(FETCH_SECTION)
+    if not config.interval_s or not config.sources:
+        await run_fetch_schedule(services)  # it says that it is off, and returns
+        return
+
+    async def duty(fresh: bool) -> None:
+        if fresh or not config.run_at_start:
+            await run_fetch_schedule(services)
+            return
+        settings = services.settings
+        continuing = dataclasses.replace(settings, sections={
+            **settings.sections,
+            FETCH_SECTION.name: dataclasses.replace(config, run_at_start=False)})
+        await run_fetch_schedule(dataclasses.replace(services, settings=continuing))
+
+    await lead(services.db, "fetch schedule", services.supervisor.owner, duty)
+
+
 DIAGNOSTICS = Feature(
     name="diagnostics",
     kinds=(SLEEP_KIND, SQL_SLEEP_KIND, NOOP_KIND),
@@ -85,7 +110,7 @@ FETCH = Feature(
     kinds=(FETCH_KIND,),
     blueprints=(fetch_blueprint,),
     config_sections=(FETCH_SECTION,),
-    background=(run_fetch_schedule,),
+    background=(run_fetch_schedule_once_in_cluster,),
     metrics=(fetch_freshness,),
 )
 

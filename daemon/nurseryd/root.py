@@ -41,6 +41,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .config import Settings
 from .db import open_database
+from .db.cluster import one_start_at_a_time
 from .db.embedded import open_embedded_server
 from .db.migrate import apply_migrations
 from .db.owner_lock import hold_owner_lock
@@ -150,9 +151,10 @@ async def serve(
                                        on_regained=supervisor.claim_regained):
                 services = Services(settings=settings, db=db, kinds=kinds, supervisor=supervisor,
                                     observability=observability)
-                for feature in features:
-                    for prepare in feature.startup:
-                        await prepare(services)
+                async with one_start_at_a_time(db):  # daemons starting together
+                    for feature in features:
+                        for prepare in feature.startup:
+                            await prepare(services)
                 await _run_tree(services, features, notifier, signals, task_status)
     notifier.close()
 

@@ -16,7 +16,8 @@ import builtins
 import functools
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -36,6 +37,7 @@ from ..store.base import (
     UPDATABLE,
     Change,
     ChangeFeed,
+    ClusterSignals,
     JobChanged,
     JobNote,
     NewJob,
@@ -67,6 +69,20 @@ def owner_lock_sql(param: str) -> str:
 
 async def hold_owner_lock(conn: asyncpg.Connection, owner: str) -> None:
     await conn.execute(f"SELECT pg_advisory_lock({owner_lock_sql('$1')})", owner)
+
+
+def kind_lock_sql(param: str) -> str:
+    """The advisory-lock key that serialises claims of one kind with a cluster-wide
+    limit (a transaction lock: held only while one claim counts and takes)."""
+    return f"hashtextextended('nurseryd.kind:' || {param}, 0)"
+
+
+#: NOTIFY channels (``migrations/0006_cluster.sql`` and the statements below);
+#: ``db/cluster.py`` LISTENs to them for the supervisor.
+CLAIMABLE_CHANNEL = "nurseryd_claimable"      # payload: a kind with a job nobody holds
+SLOT_FREED_CHANNEL = "nurseryd_slot_freed"    # payload: a kind one of whose owned jobs ended
+CANCEL_CHANNEL = "nurseryd_cancel"            # payload: the id of a job asked to cancel
+CANCEL_DONE_CHANNEL = "nurseryd_cancel_done"  # payload: the id of such a job, now ended
 
 
 # -- statements ---------------------------------------------------------------------------
@@ -129,19 +145,57 @@ RETURNING {_RETURNING}
 if Status.QUEUED not in statuses_allowing(Event.CANCEL):  # pragma: no cover - table edit
     raise AssertionError("cancel_queued needs queued -> cancel in the lifecycle table")
 
-_ADOPT = f"""
-WITH orphans AS (
+# A dead owner's unfinished jobs go back to the pool: no owner, queued (``recover``
+# for the running ones), so the daemons with free slots for their kinds claim them.
+# The lock is tried again for every row inside the statement: an owner that came
+# back meanwhile keeps its jobs.
+_RELEASE = f"""
+WITH orphans AS MATERIALIZED (
     SELECT id, status AS was FROM jobs
-    WHERE status = ANY($2::text[])
-      AND (owner IS NULL
-           OR (owner <> $1 AND ($5::text[] IS NULL OR owner = ANY($5::text[]))
-               AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})))
+    WHERE status = ANY($2::text[]) AND owner IS NOT NULL AND owner <> $1
+      AND ($5::text[] IS NULL OR owner = ANY($5::text[]))
+      AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})
     FOR UPDATE SKIP LOCKED
 )
-UPDATE jobs SET owner = $1,
+UPDATE jobs SET owner = NULL,
     status = CASE WHEN orphans.was = ANY($3::text[]) THEN $4 ELSE jobs.status END
 FROM orphans WHERE jobs.id = orphans.id
 RETURNING {_RETURNING}, orphans.was
+"""
+
+# Claiming: the oldest claimable jobs of each kind, as many as the daemon has free
+# slots for, in one statement. The locked selection is MATERIALIZED: folded into the
+# UPDATE as a semi-join, it would be run again per row and take more than its
+# LIMIT (measured). SKIP LOCKED lets claimers pass each other; a row
+# another claimer took meanwhile fails the re-checked ``owner IS NULL`` and is
+# skipped. The claim only gives the row an owner: the start (which bumps
+# ``attempts``) is the owner's guarded ``start`` transition, as for any job.
+_CLAIM = f"""
+WITH want AS (SELECT * FROM unnest($2::text[], $3::integer[]) AS w(kind, n)),
+picked AS MATERIALIZED (
+    SELECT j.id FROM want CROSS JOIN LATERAL (
+        SELECT id FROM jobs WHERE kind = want.kind AND status = $4 AND owner IS NULL
+        ORDER BY id LIMIT want.n FOR UPDATE SKIP LOCKED) AS j
+)
+UPDATE jobs SET owner = $1 FROM picked WHERE jobs.id = picked.id AND jobs.owner IS NULL
+RETURNING {_RETURNING}
+"""
+
+# Claiming a kind with a cluster-wide limit: inside a transaction that first took the
+# kind's advisory lock (so two claimers never both count the same free slot), take
+# at most ``limit - owned unfinished jobs of the kind``. Running in READ COMMITTED,
+# this statement's snapshot is taken after the lock: it sees every earlier claim.
+_CLAIM_LIMITED = f"""
+WITH picked AS MATERIALIZED (
+    SELECT id FROM jobs WHERE kind = $2 AND status = $6 AND owner IS NULL
+    ORDER BY id
+    LIMIT greatest(0, least($3::integer, $4::integer - (
+        SELECT count(*) FROM jobs WHERE kind = $2 AND owner IS NOT NULL
+          AND status = ANY($5::text[]))))
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE jobs SET owner = $1 FROM picked WHERE jobs.id = picked.id AND jobs.owner IS NULL
+RETURNING {_RETURNING}
 """
 
 
@@ -257,11 +311,16 @@ class PostgresJobStore:
             self.feed.publish([JobChanged(Event.CANCEL, row)])
         return row
 
-    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
-        await self.db.execute(
-            "UPDATE jobs SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+    async def request_cancel(self, job_id: int, by: str | None = None) -> Row | None:
+        """Record the request and NOTIFY it (delivered at commit to every daemon:
+        the one holding the job stops it at once; the 1 s poll is the fallback)."""
+        return await self.db.fetchrow(
+            "WITH asked AS (UPDATE jobs"
+            " SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
             " cancelled_by = coalesce(cancelled_by, $3)"
-            " WHERE id = $1 AND status = ANY($2::text[])", job_id, _values(ACTIVE), by)
+            f" WHERE id = $1 AND status = ANY($2::text[]) RETURNING {_RETURNING})"
+            f" SELECT asked.*, pg_notify('{CANCEL_CHANNEL}', asked.id::text) FROM asked",
+            job_id, _values(ACTIVE), by)
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
         rows = await self.db.fetch(
@@ -271,24 +330,92 @@ class PostgresJobStore:
 
     async def dead_owners(self, owner: str) -> set[str]:
         rows = await self.db.fetch(
-            "SELECT DISTINCT owner FROM jobs WHERE status = ANY($2::text[])"
-            " AND owner IS NOT NULL AND owner <> $1"
-            f" AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})",
+            "SELECT owner FROM (SELECT DISTINCT owner FROM jobs WHERE status = ANY($2::text[])"
+            " AND owner IS NOT NULL AND owner <> $1) AS owners"
+            f" WHERE pg_try_advisory_xact_lock({owner_lock_sql('owner')})",
             owner, _values(ACTIVE))
         return {row["owner"] for row in rows}
 
-    async def adopt_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
+    async def release_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
         """An owner is alive exactly while its process holds its advisory lock (a
         session lock dies with the connection, so a SIGKILLed daemon releases it
         at once): no lease to wait out, and a live daemon's jobs are never taken,
-        so a job never runs twice at once."""
-        rows = await self.db.fetch(
-            _ADOPT, owner, _values(ACTIVE), _values(statuses_allowing(Event.RECOVER)),
-            target_of(Event.RECOVER).value, None if owners is None else list(owners))
+        so a job never runs twice at once. Released jobs are claimable; the dead
+        owners' member rows go in the same transaction."""
+
+        async def _release(conn: asyncpg.Connection) -> builtins.list[asyncpg.Record]:
+            rows = await conn.fetch(
+                _RELEASE, owner, _values(ACTIVE), _values(statuses_allowing(Event.RECOVER)),
+                target_of(Event.RECOVER).value, None if owners is None else list(owners))
+            await conn.execute(
+                "DELETE FROM cluster_members WHERE owner <> $1"
+                " AND ($2::text[] IS NULL OR owner = ANY($2::text[]))"
+                f" AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})",
+                owner, None if owners is None else list(owners))
+            return rows
+
+        rows = await self.db.run(_release)
         recoverable = {status.value for status in statuses_allowing(Event.RECOVER)}
         self.feed.publish(JobChanged(Event.RECOVER, row) for row in rows
                           if row["was"] in recoverable)
         return len(rows)
+
+    async def claim(self, owner: str, wants: Mapping[str, int],
+                    cluster_limits: Mapping[str, int]) -> builtins.list[Row]:
+        """Take up to ``wants[kind]`` claimable jobs of each kind for ``owner``,
+        oldest first; a kind in ``cluster_limits`` only while fewer than its limit
+        of its jobs are owned and unfinished across the cluster."""
+        free = {kind: n for kind, n in wants.items() if n > 0 and kind not in cluster_limits}
+        limited = {kind: n for kind, n in wants.items() if n > 0 and kind in cluster_limits}
+        rows: builtins.list[Row] = []
+        if free:
+            rows += await self.db.fetch(_CLAIM, owner, builtins.list(free),
+                                        builtins.list(free.values()), Status.QUEUED.value)
+        for kind, n in limited.items():
+
+            async def _claim_limited(conn: asyncpg.Connection, kind: str = kind,
+                                     n: int = n) -> builtins.list[asyncpg.Record]:
+                await conn.execute(f"SELECT pg_advisory_xact_lock({kind_lock_sql('$1')})",
+                                   kind)
+                return await conn.fetch(_CLAIM_LIMITED, owner, kind, n, cluster_limits[kind],
+                                        _values(ACTIVE), Status.QUEUED.value)
+
+            rows += await self.db.run(_claim_limited)
+        return rows
+
+    async def count_claimable(self, up_to: int) -> int:
+        """How many jobs nobody holds wait in the table (counted up to ``up_to``)."""
+        return await self.db.fetchval(
+            "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = $1 AND owner IS NULL"
+            " LIMIT $2) AS claimable", Status.QUEUED.value, up_to)
+
+    async def join(self, owner: str) -> None:
+        await self.db.execute("INSERT INTO cluster_members (owner) VALUES ($1)"
+                              " ON CONFLICT DO NOTHING", owner)
+
+    async def leave(self, owner: str) -> None:
+        """A clean stop: our member row goes, and our queued jobs go back to the
+        pool at once (nothing of ours runs any more), for peers to claim."""
+
+        async def _leave(conn: asyncpg.Connection) -> None:
+            await conn.execute("UPDATE jobs SET owner = NULL WHERE owner = $1 AND status = $2",
+                               owner, Status.QUEUED.value)
+            await conn.execute("DELETE FROM cluster_members WHERE owner = $1", owner)
+
+        await self.db.run(_leave)
+
+    async def dead_members(self, owner: str) -> set[str]:
+        rows = await self.db.fetch(
+            "SELECT owner FROM cluster_members WHERE owner <> $1"
+            f" AND pg_try_advisory_xact_lock({owner_lock_sql('owner')})", owner)
+        return {row["owner"] for row in rows}
+
+    @asynccontextmanager
+    async def listen(self, signals: ClusterSignals) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
+        from .cluster import listen_for_cluster
+
+        async with listen_for_cluster(self.db, signals) as alive:
+            yield alive
 
     async def queued_for(self, owner: str, after_id: int, limit: int) -> Sequence[Row]:
         return await self.db.fetch(
@@ -309,7 +436,7 @@ class PostgresJobStore:
     async def add_notes(self, notes: Sequence[JobNote]) -> builtins.list[None]:
         return await insert_notes(self.db, notes)
 
-    async def rerun(self, job_id: int, owner: str) -> Row | None:
+    async def rerun(self, job_id: int, owner: str | None) -> Row | None:
         try:
             [row] = await self.apply([rerun_change(job_id, owner)])
         except asyncpg.UniqueViolationError:  # jobs_one_active_fetch

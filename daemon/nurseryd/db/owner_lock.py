@@ -1,16 +1,20 @@
 """This daemon's claim on its jobs: a session advisory lock, held and watched.
 
 Other daemons (and our own next start) treat an owner whose lock is free as dead
-and adopt its unfinished jobs at once (``PostgresJobStore.adopt_orphans``). The
-lock lives on a dedicated connection, so losing that connection — a
+and release its unfinished jobs for whoever has free slots to claim
+(``PostgresJobStore.release_orphans``): at a start at once, a running peer's once
+its lock has been seen free for ``supervisor.core.TAKEOVER_CONFIRM_S``. The lock
+lives on a dedicated connection, so losing that connection — a
 ``pg_terminate_backend``, a PostgreSQL restart, a failover, a proxy timeout —
-silently frees it, and a peer may adopt jobs this daemon is still running.
+silently frees it, and a peer may take jobs this daemon is still running; hence
+the watch below must notice within that confirm window (it takes at most two
+:data:`WATCH_INTERVAL_S`: one sleep, one bounded check).
 
 So the lock is watched. Every :data:`WATCH_INTERVAL_S` the connection is asked a
 trivial question; when it does not answer, the claim is lost: ``on_lost`` runs
 (the supervisor stops its running jobs, which go back to ``queued``, and starts
 none until the claim is back), and the lock is taken again on a new connection
-with back-off. Once held again, ``on_regained`` runs. Whatever a peer adopted in
+with back-off. Once held again, ``on_regained`` runs. Whatever a peer took in
 between is fenced: every write of a running job is guarded by owner and attempt,
 so this daemon's stale attempts change nothing.
 

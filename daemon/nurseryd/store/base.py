@@ -12,7 +12,7 @@ store *changes*, and the store applies them in batches:
   status change, under the same kind of guard (by default: the job is running).
 
 Because every status change passes through :meth:`JobStore.apply` (and the two
-narrower doors :meth:`~JobStore.cancel_queued` and :meth:`~JobStore.adopt_orphans`,
+narrower doors :meth:`~JobStore.cancel_queued` and :meth:`~JobStore.release_orphans`,
 which are transitions too), whatever must see every change — the event stream,
 metrics, a job's log, notifications to other daemons — subscribes here with
 :meth:`ChangeFeed.subscribe` and can neither miss a change nor report one that did
@@ -28,7 +28,8 @@ from __future__ import annotations
 import builtins
 import datetime as dt
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -121,7 +122,9 @@ class NewJob:
     kind: str
     params: dict[str, Any]
     timeout_s: float
-    owner: str
+    #: ``None``: recorded *claimable* (no process holds it; any daemon with a free
+    #: slot for its kind claims it).
+    owner: str | None
     #: The name of the token that submitted it (``None``: the daemon itself, a schedule).
     submitted_by: str | None = None
 
@@ -225,6 +228,23 @@ class ChangeFeed:
                     log.exception("a job change subscriber failed")
 
 
+@dataclass(frozen=True)
+class ClusterSignals:
+    """What the store tells the supervisor of other daemons' doings, as it happens
+    (PostgreSQL: NOTIFY; the memory store: its own calls). Each callback runs in
+    Trio and must not block. All of them are shortcuts with a poll behind them."""
+
+    #: A job of this kind became claimable (recorded or released with no owner).
+    claimable: Callable[[str], None]
+    #: An owned, unfinished job of this kind ended or was released: a cluster-wide
+    #: slot of the kind may be free.
+    slot_freed: Callable[[str], None]
+    #: Someone asked to cancel this job (whoever holds it stops it).
+    cancel: Callable[[int], None]
+    #: A job someone asked to cancel has ended (a waiting ``cancel`` may answer).
+    cancel_done: Callable[[int], None]
+
+
 class JobStore(Protocol):
     """Where jobs are recorded and every change to them is applied."""
 
@@ -258,9 +278,10 @@ class JobStore(Protocol):
         becomes its ``cancelled_by``."""
         ...
 
-    async def request_cancel(self, job_id: int, by: str | None = None) -> None:
+    async def request_cancel(self, job_id: int, by: str | None = None) -> Row | None:
         """Record a cancel request (and who asked: ``cancelled_by``, first asker wins)
-        for the daemon that holds the job."""
+        for the daemon that holds the job, and tell it (``ClusterSignals.cancel``);
+        the row, or ``None`` if the job is not queued or running."""
         ...
 
     async def cancel_requests_among(self, job_ids: Sequence[int]) -> builtins.list[tuple[int, Any]]:
@@ -271,10 +292,39 @@ class JobStore(Protocol):
         """Other owners of unfinished jobs whose lock is free now."""
         ...
 
-    async def adopt_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
-        """Requeue (the ``recover`` transition) and take over every unfinished job
-        whose owner is dead (only of ``owners``, when given, and unowned ones);
-        returns how many."""
+    async def release_orphans(self, owner: str, owners: Sequence[str] | None = None) -> int:
+        """Requeue (the ``recover`` transition) every unfinished job whose owner is
+        dead (only of ``owners``, when given) as claimable, and forget those
+        owners' member rows; returns how many jobs."""
+        ...
+
+    async def claim(self, owner: str, wants: Mapping[str, int],
+                    cluster_limits: Mapping[str, int]) -> builtins.list[Row]:
+        """Give ``owner`` up to ``wants[kind]`` claimable jobs of each kind, oldest
+        first; for a kind in ``cluster_limits``, only while fewer than its limit of
+        its jobs are owned and unfinished (counted and taken under one lock)."""
+        ...
+
+    async def count_claimable(self, up_to: int) -> int:
+        """Claimable jobs in the table, counted up to ``up_to``."""
+        ...
+
+    async def join(self, owner: str) -> None:
+        """Record ``owner`` as a member of the cluster (alive while it holds its lock)."""
+        ...
+
+    async def leave(self, owner: str) -> None:
+        """A clean stop: forget the member, make its queued jobs claimable."""
+        ...
+
+    async def dead_members(self, owner: str) -> set[str]:
+        """Other members whose owner lock is free now."""
+        ...
+
+    def listen(self, signals: ClusterSignals) -> AbstractAsyncContextManager[
+            Callable[[], Awaitable[bool]]]:
+        """Deliver :class:`ClusterSignals` for the life of the block; yields an
+        ``alive()`` check (False: signals may be missed, poll)."""
         ...
 
     async def queued_for(self, owner: str, after_id: int, limit: int) -> Sequence[Row]:
@@ -290,8 +340,9 @@ class JobStore(Protocol):
         """Store the lines kinds wrote for their jobs' logs (bounded per job)."""
         ...
 
-    async def rerun(self, job_id: int, owner: str) -> Row | None:
-        """The ``rerun`` transition: an ended job back to ``queued`` for ``owner``,
+    async def rerun(self, job_id: int, owner: str | None) -> Row | None:
+        """The ``rerun`` transition: an ended job back to ``queued`` for ``owner``
+        (``None``: claimable),
         its outcome cleared and its checkpoint and counters kept (it resumes);
         ``None`` if its status does not allow it. Raises
         :class:`~nurseryd.errors.JobConflict` when a unique rule refuses (another
@@ -299,7 +350,7 @@ class JobStore(Protocol):
         ...
 
 
-def rerun_change(job_id: int, owner: str) -> Transition:
+def rerun_change(job_id: int, owner: str | None) -> Transition:
     """What :meth:`JobStore.rerun` writes, the same in every store."""
     return Transition(job_id, Event.RERUN, {
         "owner": owner, "error": None, "result": None, "finished_at": None,

@@ -1,4 +1,5 @@
-"""Periodic work beside the jobs: progress to the table, cancel requests from it."""
+"""Periodic work beside the jobs: progress to the table, cancel requests from it,
+and the notifications other daemons send (:func:`listen_for_peers`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from ..lifecycle import StopReason
-from ..store.base import JobStore, Progress
+from ..store.base import ClusterSignals, JobStore, Progress
 from .handle import JobHandle
 
 log = logging.getLogger("nurseryd.supervisor")
@@ -70,3 +71,27 @@ async def watch_cancel_requests(
                 log.info("job %d: cancel requested through another daemon", job_id)
                 handle.cancel_requested_at = requested_at
                 handle.stop(StopReason.CANCEL)
+
+
+#: How often the notification connection is checked, and retried after a failure.
+LISTEN_CHECK_S = 5.0
+
+
+async def listen_for_peers(
+    store: JobStore, signals: ClusterSignals, listening: Callable[[bool], None]
+) -> None:
+    """Keep the store's notifications coming; ``listening`` is told when they start
+    and stop (meanwhile the claimer and the cancel watcher poll)."""
+    while True:
+        try:
+            async with store.listen(signals) as alive:
+                listening(True)
+                try:
+                    while await alive():  # noqa: ASYNC110 - a connection check, no event
+                        await trio.sleep(LISTEN_CHECK_S)
+                finally:
+                    listening(False)
+            log.warning("the cluster notification connection stopped answering; polling")
+        except Exception as error:
+            log.warning("listening for other daemons failed (%s); polling meanwhile", error)
+        await trio.sleep(LISTEN_CHECK_S)
