@@ -64,6 +64,16 @@ def row(page: Any, job_id: int, status: str | None = None) -> Any:
     return page.locator(selector + (f'[data-status="{status}"]' if status else ""))
 
 
+def show(page: Any, view: str) -> None:
+    page.click(f'#nav button[data-view="{view}"]')
+    page.locator(f"#view-{view}").wait_for()
+
+
+def fits_a_phone(page: Any) -> bool:
+    """Nothing wider than the screen: no sideways scrolling to reach a button."""
+    return bool(page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"])
+
+
 def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Path,
                             screenshot: str | None) -> None:
     violations: list[str] = []
@@ -79,18 +89,21 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
         f"""() => {{ const bar = document.querySelector('#jobs tr[data-job="{job_id}"] progress');
                     return bar && bar.value > {first}; }}""")
     page.locator(f'#jobs tr[data-job="{job_id}"] .rate').filter(has_text="/s").wait_for()
-    # Phone width: nothing wider than the screen (no sideways scrolling to reach Cancel).
-    assert page.evaluate("() => document.documentElement.scrollWidth") <= PHONE["width"]
+    assert fits_a_phone(page)
     assert row(page, job_id).locator("button.cancel").is_visible()
     if screenshot:
         row(page, job_id).click()
         page.locator("#job-status").filter(has_text="running").wait_for()
+        page.locator("#job-log li").filter(has_text="attempt 1 started").wait_for()
+        page.locator("#feed").filter(has_text="live").wait_for()
         page.set_viewport_size({"width": 1000, "height": 760})
         page.screenshot(path=screenshot, full_page=True)
         page.set_viewport_size(PHONE)
     row(page, job_id).locator("button.cancel").click()
     row(page, job_id, "cancelled").wait_for()
 
+    show(page, "import")
+    assert fits_a_phone(page)
     page.set_input_files("#upload-file", str(workbook))
     page.click("#upload-form button[type=submit]")
     page.locator("#message").filter(has_text="import started").wait_for()
@@ -102,8 +115,11 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
         page.click("#rejects-csv")
     csv = Path(download.value.path()).read_text()
     assert csv.splitlines()[0] == "row,column,reason,values" and "message_count" in csv
+    page.locator("#job-log li").filter(has_text="completed: ").wait_for()
 
     # "Fetch now" posts JSON the API takes: with no source configured, its 409 says so.
+    show(page, "fetch")
+    page.locator("#fetch-none").wait_for()
     page.click("#fetch-now")
     page.locator("#message").filter(has_text="no fetch sources are configured").wait_for()
     assert violations == [], "the page must run under its own CSP"
@@ -115,7 +131,15 @@ async def test_watch_a_job_cancel_it_and_upload_a_workbook(database_url: str, st
     rows[5][9] = "many"  # message_count: one reject
     workbook = xf.write_xlsxwriter(tmp_path / "chats.xlsx", rows)
     async with run_daemon(make_settings(database_url, state_dir)) as daemon:  # protected mode
-        job = (await daemon.client.post("/jobs/sleep", json={"seconds": 120})).json()
+        post = daemon.client.post
+        # Jobs in several states around the one watched (the screenshot shows them).
+        done = (await post("/jobs/noop", json={})).json()
+        late = (await post("/jobs/sleep", json={"seconds": 30, "timeout_s": 0.2})).json()
+        stopped = (await post("/jobs/sleep", json={"seconds": 30})).json()
+        await daemon.wait_for_status(done["id"], "completed")
+        await daemon.wait_for_status(late["id"], "timed_out")
+        await post(f"/jobs/{stopped['id']}/cancel")
+        job = (await post("/jobs/sleep", json={"seconds": 120})).json()
         await in_browser(watch_cancel_and_upload, daemon.base_url, job["id"], workbook,
                          os.environ.get("NURSERYD_DASHBOARD_SCREENSHOT"))
         done = (await daemon.client.get(f"/jobs/{job['id']}")).json()
@@ -135,9 +159,23 @@ def read_then_admin(page: Any, base_url: str, job_id: int) -> None:
     page.locator("#who").filter(has_text="read (read)").wait_for()
     row(page, job_id, "running").wait_for()
     assert not row(page, job_id).locator("button.cancel").is_visible()
+    # No button or form that changes something, on any page a read token can reach.
+    assert not page.locator('#nav button[data-view="import"]').is_visible()
+    assert not page.locator("#bulk-cancel").is_visible()
+    assert not page.locator("#bulk-retry").is_visible()
+    row(page, job_id).click()
+    page.locator("#job-status").filter(has_text="running").wait_for()
+    assert not page.locator("#job-cancel").is_visible()
+    assert not page.locator("#job-retry").is_visible()
+    show(page, "fetch")
+    page.locator("#fetch-summary").filter(has_text="No fetch has run yet").wait_for()
     assert not page.locator("#fetch-now").is_visible()
     assert not page.locator("#upload-form").is_visible()
+    assert not page.locator("#database-form").is_visible()
+    assert page.locator("button:visible").all_inner_texts() == [
+        "Jobs", "Fetch", "Sign out", "Pause"], "only navigation and live controls"
     assert READER not in page.content()
+    show(page, "jobs")
     page.click("#sign-out")
     sign_in(page, ADMIN)
     page.locator("#who").filter(has_text="api (admin)").wait_for()
