@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,10 @@ import trio
 
 from tests import xlsx_factory as xf
 from tests.daemon_process import make_settings, run_daemon
+from tests.fetch_servers import hang, json_reply, open_local_server
+from tests.source_dbs import make_sqlite_source, settings_with
 from tests.test_access import ADMIN, READER, bearer, with_tokens
+from tests.test_fetch_api import fetch_daemon, jobs_page, source
 
 CHROMIUM = shutil.which("chromium")
 #: A phone's width: the dashboard must be usable there.
@@ -237,6 +241,16 @@ def pause_and_filter(page: Any, base_url: str, sleep_id: int, noop_id: int) -> N
     with page.expect_request(lambda request: "/jobs?" in request.url):
         page.click("#pause")  # Resume: the next tick asks again
         page.clock.run_for(1_100)
+    # The time filter: the noop job was created two hours ago.
+    page.select_option("#filter-since", "3600")
+    row(page, noop_id).wait_for(state="detached")
+    assert row(page, sleep_id).is_visible()
+    # Bulk actions take kind and status only: with a time window set they are not offered.
+    assert page.locator("#bulk-cancel").is_disabled()
+    page.locator("#bulk-note").filter(has_text="set Created to any time").wait_for()
+    page.select_option("#filter-since", "86400")
+    row(page, noop_id).wait_for()
+    page.select_option("#filter-since", "")
     # Filters: the kind filter leaves only that kind's rows.
     page.fill("#filter-kind", "noop")
     page.dispatch_event("#filter-kind", "change")
@@ -252,4 +266,199 @@ async def test_pause_stops_polling_and_filters_narrow_the_list(database_url: str
         sleep = (await daemon.client.post("/jobs/sleep", json={"seconds": 120})).json()
         noop = (await daemon.client.post("/jobs/noop", json={})).json()
         await daemon.wait_for_status(noop["id"], "completed")
+        await daemon.services.db.execute(
+            "UPDATE jobs SET created_at = now() - interval '2 hours' WHERE id = $1", noop["id"])
         await in_browser(pause_and_filter, daemon.base_url, sleep["id"], noop["id"])
+
+
+def bulk_cancel_then_retry(page: Any, base_url: str, sleep_ids: list[int], noop_id: int) -> None:
+    page.goto(base_url + "/")
+    for job_id in sleep_ids:
+        row(page, job_id, "running").wait_for()
+    # No filter: a bulk action would touch every job, so the page does not offer one.
+    assert page.locator("#bulk-cancel").is_disabled()
+    page.locator("#bulk-note").filter(has_text="choose a kind or a status").wait_for()
+    page.fill("#filter-kind", "sleep")
+    page.dispatch_event("#filter-kind", "change")
+    row(page, noop_id).wait_for(state="detached")
+    page.click("#bulk-cancel")
+    page.locator("#confirm-text").filter(has_text="Cancel 3 sleep jobs (queued, running)?") \
+        .wait_for()
+    page.click("#confirm-no")  # thought better of it: nothing changes
+    page.locator("#confirm").wait_for(state="hidden")
+    page.click("#bulk-cancel")
+    page.locator("#confirm-yes").filter(has_text="Cancel 3 jobs").click()
+    page.locator("#message").filter(has_text="cancelled 3 of 3 matching jobs").wait_for()
+    for job_id in sleep_ids:
+        row(page, job_id, "cancelled").wait_for()
+
+    page.select_option("#filter-status", "cancelled")
+    page.click("#bulk-retry")
+    page.locator("#confirm-text").filter(has_text="Retry 3 sleep jobs (cancelled)?").wait_for()
+    assert page.locator("#bulk-cancel").is_disabled()  # a cancelled job cannot be cancelled
+    page.click("#confirm-yes")
+    page.locator("#message").filter(has_text="retried 3 of 3 matching jobs").wait_for()
+    page.select_option("#filter-status", "")
+    for job_id in sleep_ids:
+        row(page, job_id, "running").wait_for()
+    assert fits_a_phone(page)
+
+
+async def test_bulk_cancel_and_retry_the_filtered_list_after_confirming(
+        database_url: str, state_dir: Path) -> None:
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        noop = (await daemon.client.post("/jobs/noop", json={})).json()
+        sleeps = [(await daemon.client.post("/jobs/sleep", json={"seconds": 120})).json()["id"]
+                  for _ in range(3)]
+        await daemon.wait_for_status(noop["id"], "completed")
+        await in_browser(bulk_cancel_then_retry, daemon.base_url, sleeps, noop["id"])
+        jobs = {job_id: (await daemon.client.get(f"/jobs/{job_id}")).json()
+                for job_id in sleeps}
+        assert all(job["status"] in ("queued", "running") for job in jobs.values()), jobs
+        assert all(job["cancelled_by"] is None for job in jobs.values())  # retry clears it
+        assert (await daemon.client.get(f"/jobs/{noop['id']}")).json()["status"] == "completed"
+
+
+def import_from_a_database_and_retry(page: Any, base_url: str, missing: Path) -> None:
+    page.goto(base_url + "/")
+    show(page, "import")
+    # The form offers the configured names (and never a URL).
+    assert page.locator("#database-source option").all_inner_texts() == ["late", "legacy"]
+    assert str(missing.parent) not in page.content()
+    assert page.locator("#sheets-form button").is_disabled()  # no Google access configured
+    assert fits_a_phone(page)
+    page.select_option("#database-source", "legacy")
+    page.click("#database-form button[type=submit]")
+    page.locator("#message").filter(has_text="database import started").wait_for()
+    page.locator("#job-status").filter(has_text="completed").wait_for(timeout=60_000)
+    page.locator("#job-rate").filter(has_text="3000/3000").wait_for()
+    first = page.locator("#job-id").inner_text()
+
+    # A source that is not there yet: the import fails, and says why.
+    show(page, "import")
+    page.select_option("#database-source", "late")
+    page.click("#database-form button[type=submit]")
+    page.locator("#job-status").filter(has_text="failed").wait_for(timeout=60_000)
+    assert page.locator("#job-id").inner_text() != first
+    page.locator("#job-facts dd").filter(has_text="no such file").wait_for()
+    page.locator("#job-log li.error").filter(has_text="failed:").wait_for()
+    # The operator puts the file in place and retries from the job's page.
+    make_sqlite_source(missing, 500)
+    page.click("#job-retry")
+    page.locator("#message").filter(has_text="retried").wait_for()
+    page.locator("#job-log li").filter(has_text="queued again by request").wait_for()
+    page.locator("#job-status").filter(has_text="completed").wait_for(timeout=60_000)
+    page.locator("#job-log li").filter(has_text="attempt 2 started").wait_for()
+    page.locator("#job-rate").filter(has_text="500/500").wait_for()
+    assert page.locator("#job-retry").is_hidden()
+
+
+async def test_a_database_import_from_the_form_and_a_retry_after_it_failed(
+        database_url: str, state_dir: Path, tmp_path: Path) -> None:
+    present = make_sqlite_source(tmp_path / "legacy.db", 3000)
+    missing = tmp_path / "late.db"
+    settings = settings_with(make_settings(database_url, state_dir), f"""
+        [sources.legacy]
+        url = "sqlite:///{present}"
+        table = "chats"
+        key = ["chat_id"]
+        batch_rows = 1000
+        [sources.late]
+        url = "sqlite:///{missing}"
+        table = "chats"
+        key = ["chat_id"]
+        connect_attempts = 1
+    """)
+    async with run_daemon(settings) as daemon:
+        await in_browser(import_from_a_database_and_retry, daemon.base_url, missing)
+        jobs = (await daemon.client.get("/jobs?kind=migration")).json()["jobs"]
+    assert [(job["status"], job["processed"], job["attempts"]) for job in jobs] == [
+        ("completed", 500, 2), ("completed", 3000, 1)]
+    assert jobs[0]["params"]["source_identifier"] == "late"
+
+
+def bar_value(page: Any, job_id: int) -> float:
+    return float(row(page, job_id).locator("progress").evaluate("bar => bar.value"))
+
+
+def wait_for_bar_above(page: Any, job_id: int, value: float) -> None:
+    page.wait_for_function(
+        f"""() => {{ const bar = document.querySelector('#jobs tr[data-job="{job_id}"] progress');
+                    return bar && bar.value > {value}; }}""")
+
+
+def live_bar_from_the_stream(page: Any, base_url: str, job_id: int) -> None:
+    """Timers frozen: the page cannot poll, so a bar that still advances is moved by
+    the event stream alone. Then a second page whose stream is refused polls."""
+    page.clock.install()
+    page.goto(base_url + "/")
+    row(page, job_id, "running").wait_for()
+    page.locator("#feed").filter(has_text="live").wait_for()
+    page.clock.pause_at(int(page.evaluate("() => Date.now()")) + 60_000)
+    seen = bar_value(page, job_id)
+    # Two more steps (the sleep job reports once a second) than any poll could have shown.
+    wait_for_bar_above(page, job_id, seen + 1)
+    page.locator(f'#jobs tr[data-job="{job_id}"] .rate').filter(has_text="ETA").wait_for()
+
+    fallback = page.context.browser.new_page(viewport=PHONE)
+    fallback.set_default_timeout(20_000)
+    fallback.route("**/events", lambda route: route.fulfill(
+        status=503, content_type="application/problem+json",
+        body='{"type": "about:blank", "title": "busy", "status": 503, "detail": "busy"}'))
+    fallback.goto(base_url + "/")
+    fallback.locator("#feed").filter(has_text="polling every 1 s").wait_for()
+    seen = bar_value(fallback, job_id)
+    wait_for_bar_above(fallback, job_id, seen)
+    fallback.close()
+
+
+async def test_a_live_bar_is_driven_by_the_event_stream_and_polling_is_the_fallback(
+        database_url: str, state_dir: Path) -> None:
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        job = (await daemon.client.post("/jobs/sleep", json={"seconds": 120})).json()
+        await in_browser(live_bar_from_the_stream, daemon.base_url, job["id"])
+
+
+def fetch_page(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/")
+    show(page, "fetch")
+    page.locator("#fetch-summary").filter(has_text="No fetch has run yet").wait_for()
+    cards = page.locator("#fetch-sources li.source")
+    assert cards.count() == 3
+    assert cards.filter(has_text="never fetched").count() == 3
+    assert "s3cret" not in page.content()  # a URL's password is redacted as in the API
+    page.click("#fetch-now")
+    page.locator("#message").filter(has_text="fetch started").wait_for()
+    page.locator('#fetch-sources li[data-source="good"][data-outcome="ok"]').wait_for()
+    bad = page.locator('#fetch-sources li[data-source="bad"][data-outcome="error"]')
+    bad.wait_for()
+    bad.locator("dd").filter(has_text="HTTP 404").first.wait_for()
+    # The slow source hangs: the fetch stays running until it is cancelled from the page.
+    page.locator("#fetch-summary").filter(has_text="running").wait_for()
+    assert fits_a_phone(page)
+    page.click("#fetch-cancel")
+    page.locator("#fetch-summary").filter(has_text="cancelled").wait_for()
+    # Cut off, the slow source records no outcome of its own; the job's result says why.
+    slow = page.locator('#fetch-sources li[data-source="slow"][data-run="interrupted"]')
+    slow.wait_for()
+    assert slow.get_attribute("data-outcome") == ""
+    page.locator("#fetch-cancel").wait_for(state="hidden")
+    good = page.locator('#fetch-sources li[data-source="good"][data-run="ok"]')
+    good.locator("dd").filter(has_text="3 new").wait_for()
+    assert re.search(r"\d", good.locator("dd").nth(4).inner_text()), "last success: a time"
+
+
+async def test_the_fetch_page_shows_each_sources_outcome_and_cancels(
+        database_url: str, state_dir: Path) -> None:
+    async with open_local_server() as server:
+        server.route("/hang", hang)
+        sources = [source("good", server.static("/good", jobs_page(3))),
+                   source("bad", server.static("/bad", json_reply({}, status=404))),
+                   source("slow", server.url("/hang").replace("://", "://feed:s3cret@"),
+                          timeout_s=60)]
+        async with fetch_daemon(database_url, state_dir, sources) as daemon:
+            await in_browser(fetch_page, daemon.base_url)
+            status = (await daemon.client.get("/fetch")).json()
+    assert status["job"]["status"] == "cancelled"
+    assert {entry["name"]: entry["last_outcome"] for entry in status["sources"]} == {
+        "good": "ok", "bad": "error", "slow": None}

@@ -183,8 +183,8 @@ function bulkPlan(action) {
   const { kind, statuses, since } = filters();
   const allowed = action === "cancel" ? ACTIVE : RETRYABLE;
   const verb = action === "cancel" ? "cancelled" : "retried";
-  if (!kind && !statuses.length) return { reason: "choose a kind or a status first: bulk actions never act on every job" };
   if (since) return { reason: "set Created to any time first: bulk actions act on kind and status only" };
+  if (!kind && !statuses.length) return { reason: "choose a kind or a status first: bulk actions never act on every job" };
   const chosen = statuses.length ? statuses.filter((s) => allowed.includes(s)) : allowed;
   if (!chosen.length) return { reason: `${statuses.join(", ")} jobs cannot be ${verb}` };
   const query = new URLSearchParams();
@@ -371,7 +371,11 @@ async function downloadRejects() {
 
 // -- the fetch page -------------------------------------------------------------------------
 
-function sourceCard(source) {
+// A source's card: what the last fetches recorded about it (kept across fetches),
+// and what the latest fetch job did with it (its result, also for a source that
+// fetch cut off: an interrupted source records nothing of its own).
+function sourceCard(source, job) {
+  const run = job && job.result && job.result.sources ? job.result.sources[source.name] : null;
   const outcome = source.last_outcome || "never fetched";
   const card = el("li", { className: "source" },
     el("p", {}, el("strong", { textContent: source.name }), " ",
@@ -381,9 +385,12 @@ function sourceCard(source) {
       ...fact("HTTP status", source.last_status),
       ...fact("last job", source.last_job_id && `#${source.last_job_id}`),
       ...fact("last success", source.last_success_at && when(source.last_success_at)),
-      ...fact("last error", source.last_error && `${source.last_error} (${when(source.last_error_at)})`)));
+      ...fact("last error", source.last_error && `${source.last_error} (${when(source.last_error_at)})`),
+      ...(run ? fact(`job #${job.id}`, `${run.outcome}: ${run.new} new, ${run.updated} updated, ` +
+        `${run.unchanged} unchanged${run.error ? ` (${run.error})` : ""}`) : [])));
   card.dataset.source = source.name;
   card.dataset.outcome = source.last_outcome || "";
+  card.dataset.run = run ? run.outcome : "";
   return card;
 }
 
@@ -398,7 +405,7 @@ async function refreshFetch() {
   $("fetch-summary").dataset.status = job ? job.status : "";
   $("fetch-cancel").hidden = !status.active;
   $("fetch-none").hidden = status.sources.length > 0;
-  $("fetch-sources").replaceChildren(...status.sources.map(sourceCard));
+  $("fetch-sources").replaceChildren(...status.sources.map((source) => sourceCard(source, job)));
 }
 
 // -- imports --------------------------------------------------------------------------------
@@ -517,7 +524,8 @@ function onEvent(event, durable) {
     showJobHead(job);
     if (durable) state.jobDirty = true;
   }
-  if (durable) state.dirty = true;
+  // A fetch records each source's outcome as it goes: its progress changes the fetch page.
+  if (durable || (job.kind === "fetch" && state.view === "fetch")) state.dirty = true;
 }
 
 function showFeed() {
