@@ -113,12 +113,22 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
     page.locator("#message").filter(has_text="import started").wait_for()
     page.locator("#job-status").filter(has_text="completed").wait_for(timeout=60_000)
     assert page.locator("#job-id").inner_text().endswith("migration")
-    # One bad row: the rejects table shows it, and the CSV is built in the page.
-    page.locator("#job-rejects td").filter(has_text="not a number").wait_for()
+    # 120 bad rows: the rejects table shows them 100 at a time, and the CSV (built in
+    # the page) holds them all.
+    page.locator("#rejects-page").filter(has_text="1–100 of 120").wait_for()
+    assert page.locator("#job-rejects tbody tr").count() == 100
+    page.locator("#job-rejects td").filter(has_text="not a number").first.wait_for()
+    page.click("#rejects-next")
+    page.locator("#rejects-page").filter(has_text="101–120 of 120").wait_for()
+    assert page.locator("#job-rejects tbody tr").count() == 20
+    assert page.locator("#rejects-next").is_disabled()
+    page.click("#rejects-prev")
+    page.locator("#rejects-page").filter(has_text="1–100 of 120").wait_for()
     with page.expect_download() as download:
         page.click("#rejects-csv")
     csv = Path(download.value.path()).read_text()
     assert csv.splitlines()[0] == "row,column,reason,values" and "message_count" in csv
+    assert len(csv.splitlines()) == 121
     page.locator("#job-log li").filter(has_text="completed: ").wait_for()
 
     # "Fetch now" posts JSON the API takes: with no source configured, its 409 says so.
@@ -132,7 +142,8 @@ def watch_cancel_and_upload(page: Any, base_url: str, job_id: int, workbook: Pat
 async def test_watch_a_job_cancel_it_and_upload_a_workbook(database_url: str, state_dir: Path,
                                                            tmp_path: Path) -> None:
     rows = [list(r) for r in (xf.chat_row(i) for i in range(1, 201))]
-    rows[5][9] = "many"  # message_count: one reject
+    for bad in rows[:120]:
+        bad[9] = "many"  # message_count: 120 rejects, more than one page of them
     workbook = xf.write_xlsxwriter(tmp_path / "chats.xlsx", rows)
     async with run_daemon(make_settings(database_url, state_dir)) as daemon:  # protected mode
         post = daemon.client.post

@@ -9,7 +9,9 @@ rendering bug let it into the DOM (the script only ever sets ``textContent``).
 
 The page and sign-in pass the Host and cross-site checks but need no credential
 (``RouteAccess.SIGN_IN``): they are how a browser gets one. Everything the page
-shows comes from the API under the session's (or protected mode's) principal.
+shows comes from the API under the session's (or protected mode's) principal,
+including ``/dashboard/options`` (an ordinary read route): the names its import
+forms offer, since nothing else in the API lists the configured sources.
 """
 
 from __future__ import annotations
