@@ -211,6 +211,7 @@ async def test_list_since_keeps_the_newer_jobs_and_pages_with_it(
     ("yesterday", "ISO 8601"),
     ("2026-12-03T10:00:00", "UTC offset"),
     ("2026-13-40T10:00:00Z", "ISO 8601"),
+    ("0001-01-01T00:00:00+01:00", "outside the years"),  # no UTC instant: once a 500
 ])
 async def test_a_bad_since_is_a_422_problem(daemon: InProcessDaemon, since: str,
                                             needle: str) -> None:
