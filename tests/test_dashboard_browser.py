@@ -24,9 +24,11 @@ import trio
 from tests import xlsx_factory as xf
 from tests.daemon_process import make_settings, run_daemon
 from tests.fetch_servers import hang, json_reply, open_local_server
+from tests.sheets_server import sheets_server
 from tests.source_dbs import make_sqlite_source, settings_with
 from tests.test_access import ADMIN, READER, bearer, with_tokens
 from tests.test_fetch_api import fetch_daemon, jobs_page, source
+from tests.test_migrate_sheets import SHEET_ID, make_sheet
 
 CHROMIUM = shutil.which("chromium")
 #: A phone's width: the dashboard must be usable there.
@@ -473,3 +475,31 @@ async def test_the_fetch_page_shows_each_sources_outcome_and_cancels(
     assert status["job"]["status"] == "cancelled"
     assert {entry["name"]: entry["last_outcome"] for entry in status["sources"]} == {
         "good": "ok", "bad": "error", "slow": None}
+
+
+def import_a_sheet(page: Any, base_url: str) -> None:
+    page.goto(base_url + "/")
+    show(page, "import")
+    assert page.locator("#sheets-spreadsheet option").all_inner_texts() == ["chats"]
+    assert SHEET_ID not in page.content()  # the form names it; the id stays in the daemon
+    page.fill("#sheets-range", "Chats")
+    page.click("#sheets-form button[type=submit]")
+    page.locator("#message").filter(has_text="Google Sheets import started").wait_for()
+    page.locator("#job-status").filter(has_text="completed").wait_for(timeout=60_000)
+    page.locator("#job-rate").filter(has_text="5/5").wait_for()
+
+
+async def test_a_google_sheets_import_from_the_form(database_url: str,
+                                                    state_dir: Path) -> None:
+    async with sheets_server() as server:
+        server.spreadsheets[SHEET_ID] = [make_sheet(5)]
+        settings = settings_with(make_settings(database_url, state_dir), f"""
+            [google_sheets]
+            api_base = "{server.base_url}"
+            api_key = "test-key"
+            spreadsheets = {{ chats = "{SHEET_ID}" }}
+        """)
+        async with run_daemon(settings) as daemon:
+            await in_browser(import_a_sheet, daemon.base_url)
+            jobs = (await daemon.client.get("/jobs?kind=migration")).json()["jobs"]
+    assert [(job["status"], job["params"]["range"]) for job in jobs] == [("completed", "Chats")]
