@@ -554,7 +554,7 @@ async function tick() {
 async function pulse() {
   if (!state.stream && Date.now() >= state.streamRetryAt) openStream();
   if (!state.live || state.dirty) await tick();
-  else if (state.jobDirty) {
+  else if (state.jobDirty && state.view === "jobs") {
     try { await refreshJob(); } catch (error) { say(error.message); }
   }
 }
