@@ -11,6 +11,7 @@ import pytest
 from nurseryd.credentials import Principal, Role
 from nurseryd.http.sessions import COOKIE_NAME, SessionStore
 from tests.daemon_process import InProcessDaemon, make_settings, run_daemon
+from tests.source_dbs import settings_with
 from tests.test_access import ADMIN, READER, with_tokens
 
 
@@ -136,3 +137,38 @@ def test_sessions_expire_and_are_bounded() -> None:
     assert len(store) == 2 and store.resolve(ids[0], now=21) is None
     assert store.resolve(ids[2], now=21) is not None
     assert store.resolve("x" * 500) is None
+
+
+async def test_the_forms_learn_configured_names_and_never_urls_or_ids(
+        database_url: str, state_dir: Path) -> None:
+    settings = settings_with(with_tokens(make_settings(database_url, state_dir)), """
+        [sources.legacy]
+        url = "postgresql://migrator:hunter2@db.internal/legacy"
+        table = "chats"
+        key = ["chat_id"]
+        [sources.archive]
+        url = "env:ARCHIVE_URL"
+        table = "chats"
+        key = ["chat_id"]
+        [google_sheets]
+        api_key = "sheets-key"
+        spreadsheets = { chats = "1BxiMVs0XRA5nFMdKvBdBZjgmUUqptlbs74OgvE2upms" }
+    """)
+    async with run_daemon(settings) as daemon:
+        assert (await daemon.client.get("/dashboard/options")).status_code == 401
+        await sign_in(daemon, READER)  # reading names needs no admin
+        answer = await daemon.client.get("/dashboard/options")
+    assert answer.status_code == 200
+    assert answer.json() == {"targets": ["chats"], "default_target": "chats",
+                             "database_sources": ["archive", "legacy"],
+                             "spreadsheets": ["chats"], "google_sheets": True}
+    for secret in ("hunter2", "db.internal", "ARCHIVE_URL", "sheets-key", "1BxiMVs0XRA5"):
+        assert secret not in answer.text
+
+
+async def test_without_google_access_no_spreadsheet_is_offered(database_url: str,
+                                                               state_dir: Path) -> None:
+    async with run_daemon(make_settings(database_url, state_dir)) as daemon:
+        answer = (await daemon.client.get("/dashboard/options")).json()
+    assert answer["google_sheets"] is False and answer["spreadsheets"] == []
+    assert answer["database_sources"] == []

@@ -4,6 +4,7 @@ daemon (supervisor + hypercorn) running in the test's Trio run."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -180,6 +181,44 @@ async def test_list_filters_newest_first_and_paginates(daemon: InProcessDaemon) 
     by_status = (await daemon.client.get("/jobs?status=completed&kind=noop")).json()
     assert {job["id"] for job in by_status["jobs"]} == set(ids)
     assert sleeper not in {job["id"] for job in by_status["jobs"]}
+
+
+async def test_list_since_keeps_the_newer_jobs_and_pages_with_it(
+        daemon: InProcessDaemon) -> None:
+    ids = [(await daemon.client.post("/jobs/noop", json={})).json()["id"] for _ in range(4)]
+    for job_id in ids:
+        await daemon.wait_for_status(job_id, "completed")
+    old = ids[:2]
+    await daemon.services.db.execute(
+        "UPDATE jobs SET created_at = now() - interval '2 hours' WHERE id = ANY($1)", old)
+    an_hour_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).isoformat()
+    page = (await daemon.client.get("/jobs", params={"since": an_hour_ago,
+                                                     "limit": 1})).json()
+    assert [job["id"] for job in page["jobs"]] == [ids[3]]
+    assert "since=" in page["next"]  # the next page keeps the window
+    rest = (await daemon.client.get(page["next"])).json()
+    assert [job["id"] for job in rest["jobs"]] == [ids[2]]
+    # An offset other than UTC names the same instant.
+    local = (dt.datetime.now(dt.timezone(dt.timedelta(hours=5))) - dt.timedelta(hours=1))
+    same = (await daemon.client.get("/jobs", params={"since": local.isoformat(),
+                                                     "kind": "noop"})).json()
+    assert [job["id"] for job in same["jobs"]] == [ids[3], ids[2]]
+    everything = (await daemon.client.get("/jobs", params={"since": "2000-01-01T00:00:00Z"}))
+    assert {job["id"] for job in everything.json()["jobs"]} == set(ids)
+
+
+@pytest.mark.parametrize(("since", "needle"), [
+    ("yesterday", "ISO 8601"),
+    ("2026-12-03T10:00:00", "UTC offset"),
+    ("2026-13-40T10:00:00Z", "ISO 8601"),
+    ("0001-01-01T00:00:00+01:00", "outside the years"),  # no UTC instant: once a 500
+])
+async def test_a_bad_since_is_a_422_problem(daemon: InProcessDaemon, since: str,
+                                            needle: str) -> None:
+    response = await daemon.client.get("/jobs", params={"since": since})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "since" and needle in response.json()["detail"]
 
 
 async def test_readyz_is_503_while_draining_and_triggers_are_refused(

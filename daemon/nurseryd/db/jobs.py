@@ -13,6 +13,7 @@ are what the supervisor's group committers flush: one round trip for many jobs.
 from __future__ import annotations
 
 import builtins
+import datetime as dt
 import functools
 import re
 from collections import defaultdict
@@ -291,14 +292,17 @@ class PostgresJobStore:
 
     async def list(
         self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
-        limit: int,
+        limit: int, since: dt.datetime | None = None,
     ) -> Sequence[Row]:
+        # ``since`` has no index of its own: the scan walks ids downwards, and the
+        # table is bounded by retention, so a narrow window costs one pass at most.
         return await self.db.fetch(
             f"{_SELECT} WHERE ($1::text IS NULL OR kind = $1)"
             " AND ($2::text[] IS NULL OR status = ANY($2))"
             " AND ($3::bigint IS NULL OR id < $3)"
+            " AND ($5::timestamptz IS NULL OR created_at >= $5)"
             " ORDER BY id DESC LIMIT $4",
-            kind, list(statuses) if statuses else None, before_id, limit,
+            kind, list(statuses) if statuses else None, before_id, limit, since,
         )
 
     async def cancel_queued(self, job_id: int, owner: str, by: str | None = None) -> Row | None:

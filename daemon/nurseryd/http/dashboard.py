@@ -9,7 +9,9 @@ rendering bug let it into the DOM (the script only ever sets ``textContent``).
 
 The page and sign-in pass the Host and cross-site checks but need no credential
 (``RouteAccess.SIGN_IN``): they are how a browser gets one. Everything the page
-shows comes from the API under the session's (or protected mode's) principal.
+shows comes from the API under the session's (or protected mode's) principal,
+including ``/dashboard/options`` (an ordinary read route): the names its import
+forms offer, since nothing else in the API lists the configured sources.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from quart import Blueprint, Response, request
 
 from ..credentials import Principal
 from ..errors import NotAuthenticated
+from ..kinds.migrate.source_config import database_sources, sheets_config
+from ..kinds.migrate.targets import configured_targets, migration_settings
 from .access import caller, route_rules
 from .access_policy import JSON, RouteAccess, media_type
 from .context import get_services
@@ -89,6 +93,26 @@ async def whoami() -> Response:
     principal = caller()
     assert principal is not None  # an API route: access has decided
     return json_response(_who(principal))
+
+
+@blueprint.get("/dashboard/options")
+async def options() -> Response:
+    """The names the import forms offer, read from the config file.
+
+    Names only: a database source's URL carries its password and a spreadsheet's
+    id is what the allow-list guards, so neither leaves the daemon; the import
+    routes take these names and look the rest up themselves. Any caller who may
+    read sees them (the forms are hidden from a read token, the names are not secret).
+    """
+    settings = get_services().settings
+    sheets = sheets_config(settings)
+    return json_response({
+        "targets": sorted(configured_targets(settings)),
+        "default_target": migration_settings(settings).default_target,
+        "database_sources": sorted(database_sources(settings)),
+        "spreadsheets": sorted(sheets.spreadsheets) if sheets.configured else [],
+        "google_sheets": sheets.configured,
+    })
 
 
 async def _presented_token() -> tuple[str, bool]:

@@ -102,7 +102,8 @@ def _operations() -> dict[str, dict[str, Any]]:
             "summary": "list jobs, newest first",
             "parameters": [{"name": name, "in": "query", "schema": {"type": kind}}
                            for name, kind in (("kind", "string"), ("status", "string"),
-                                              ("limit", "string"), ("before", "string"))],
+                                              ("limit", "string"), ("before", "string"),
+                                              ("since", "string"))],
             "responses": {"200": _answer("a page of jobs", _ref("JobPage")),
                           "422": invalid, "503": busy}}},
         "/jobs/{job_id}": {"get": {
@@ -257,6 +258,10 @@ def _dashboard_operations(invalid: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "/session/logout": {"post": {
             "summary": "sign out: forget the session, clear the cookie",
             "responses": {"204": {"description": "signed out"}}}},
+        "/dashboard/options": {"get": {
+            "summary": "what the import forms may name: targets, database sources and "
+                       "spreadsheets of the config file (names only)",
+            "responses": {"200": _answer("the names", _ref("DashboardOptions"))}}},
     }
 
 
@@ -316,6 +321,16 @@ def document() -> dict[str, Any]:
                                            "role": {"enum": ["admin", "read"]},
                                            "via": {"type": "string"},
                                            "protected_mode": {"type": "boolean"}}},
+                "DashboardOptions": {
+                    "type": "object",
+                    "required": ["targets", "default_target", "database_sources",
+                                 "spreadsheets", "google_sheets"],
+                    "properties": {
+                        "targets": {"type": "array", "items": {"type": "string"}},
+                        "default_target": {"type": "string"},
+                        "database_sources": {"type": "array", "items": {"type": "string"}},
+                        "spreadsheets": {"type": "array", "items": {"type": "string"}},
+                        "google_sheets": {"type": "boolean"}}},
                 "MigrationJob": {"allOf": [JOB_SCHEMA, {"type": "object", "properties": {
                     "source_type": _NULLABLE_STRING, "rejects": {"type": "string"}}}]},
                 "JobPage": {"type": "object", "required": ["jobs", "next"], "properties": {

@@ -267,9 +267,10 @@ class JobStore(Protocol):
 
     async def list(
         self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
-        limit: int,
+        limit: int, since: dt.datetime | None = None,
     ) -> Sequence[Row]:
-        """Newest first; keyset pagination by id (``before_id``)."""
+        """Newest first; keyset pagination by id (``before_id``); ``since`` keeps the
+        jobs created at or after that instant (the dashboard's time filter)."""
         ...
 
     async def cancel_queued(self, job_id: int, owner: str, by: str | None = None) -> Row | None:

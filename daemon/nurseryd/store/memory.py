@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import datetime as dt
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -157,13 +158,14 @@ class MemoryJobStore:
 
     async def list(
         self, *, kind: str | None, statuses: Sequence[str] | None, before_id: int | None,
-        limit: int,
+        limit: int, since: dt.datetime | None = None,
     ) -> list[Row]:
         await self._round_trip("list")
         rows = [row for row in sorted(self.rows.values(), key=lambda r: -r["id"])
                 if (kind is None or row["kind"] == kind)
                 and (not statuses or row["status"] in statuses)
-                and (before_id is None or row["id"] < before_id)]
+                and (before_id is None or row["id"] < before_id)
+                and (since is None or row["created_at"] >= since)]
         return [self._copy(row) for row in rows[:limit]]
 
     def _owner_dead(self, owner: str | None, me: str) -> bool:
