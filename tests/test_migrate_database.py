@@ -110,7 +110,11 @@ async def test_sqlite_100k_rows_exact_then_idempotent(target_db: Database,
         row = await target_db.fetchrow("SELECT * FROM chats WHERE chat_id = $1", 100000 + i)
         assert {k: row[k] for k in expected_chat(i)} == expected_chat(i)
     committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
-    assert committed["position"] == {"after": [200_000], "rows": 100_000}
+    # Two readers, one range each, cut at the middle row; each range's last relayed key.
+    shards = committed["position"]["shards"]
+    assert [(s["after"], s["rows"], s["until"]) for s in shards] == [
+        ([150_000], 50_000, [150_000]), ([200_000], 100_000, None)]
+    assert result["readers"] == 2
 
     again = SourceContext(target_db, await new_job(target_db), settings)
     result = await run(again, source_for(settings, "legacy"))
@@ -128,13 +132,15 @@ async def test_sqlite_resume_after_interruption_applies_each_row_once(
         query = "SELECT * FROM chats WHERE chat_id > 0"
         key = "chat_id"
         batch_rows = 500
+        readers = 1
     """)
     job = await new_job(target_db)
     first = SourceContext(target_db, job, settings)
     with pytest.raises(JobFailed, match="interrupted after 4 batches"):
         await run(first, StopAfter(source_for(settings, "legacy"), 4))
     committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
-    assert committed["position"] == {"after": [102000], "rows": 2000}
+    assert committed["position"] == {"shards": [{"after": [102000], "rows": 2000,
+                                                 "until": None, "done": False}]}
     assert (committed["processed"], committed["failed"]) == (1999, 1)
     assert await target_db.fetchval("SELECT count(*) FROM chats") == 1999
 
@@ -249,7 +255,7 @@ async def test_reading_and_coercion_stay_out_of_the_daemons_process(
         nursery.cancel_scope.cancel()
     assert ctx.counters == {"total": 20_000, "processed": 19_999, "failed": 1}
     assert result["pages"] == 10 and ticks > 0
-    assert len(source.pids) == 1 and source.pids[0] != os.getpid()
+    assert len(source.pids) == 2 and os.getpid() not in source.pids  # one per key range
     reject = await target_db.fetchrow("SELECT row_number FROM migration_rejects "
                                       "WHERE job_id = $1", ctx.job_id)
     assert reject["row_number"] == 777
@@ -296,7 +302,8 @@ async def test_postgres_to_postgres_with_aliases_rejects_and_ignored_columns(
     ctx = SourceContext(target_db, await new_job(target_db), settings)
     result = await run(ctx, source_for(settings, "renamed"))
     assert ctx.counters == {"total": 3000, "processed": 2999, "failed": 1}
-    assert result["database"] == "postgresql" and result["pages"] == 5
+    # Two ranges of 1500 rows, each in pages of 700 + 700 + 100.
+    assert result["database"] == "postgresql" and result["pages"] == 6
     assert sorted(result["ignored_columns"]) == ["answer", "legacy_note"]
     assert "phone" not in result["columns"] and "channel" in result["columns"]
     row = await target_db.fetchrow("SELECT * FROM chats WHERE chat_id = 100014")
@@ -454,12 +461,13 @@ async def test_a_reconnected_session_with_other_columns_is_refused() -> None:
     """The pipeline's COPY plan follows the first header: a later session (after a
     reconnect) whose result has other columns must stop the job, not misplace rows."""
     from nurseryd.kinds.migrate.sources import framing
-    from nurseryd.kinds.migrate.sources.database import Progress, _Relay
+    from nurseryd.kinds.migrate.sources.database import Progress, Shard, _Relay
 
     config = parse_sources({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"]}},
                            {})["x"]
     send, receive = trio.open_memory_channel[Any](5)
-    relay = _Relay(DatabaseSource(config), Progress(None, 0), send)
+    shard = Shard(None, 0)
+    relay = _Relay(DatabaseSource(config), Progress([shard]), shard, send)
     first = json.dumps({"columns": ["id", "name"], "ignored": []}).encode()
     await relay.handle(framing.HEADER, first)
     await relay.handle(framing.HEADER, first)  # the same layout again: fine, not re-sent
