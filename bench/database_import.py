@@ -8,8 +8,9 @@ Starts its own PostgreSQL (the embedded pgserver build) in a temporary
 directory, or uses ``NURSERYD_TEST_DATABASE_URL``. Source data is generated
 server-side (see ``tests/source_dbs.py``): 14 columns, one of which the target
 lacks. Peak RSS is sampled every 20 ms from the daemon process (and from
-pgloader's process tree); CPU seconds of the daemon, its reader child and the PostgreSQL
-server show which process bounds a run. The machine is shared and noisy: compare the ratio
+pgloader's process tree); CPU seconds of the daemon, its reader children (together) and the
+PostgreSQL server show which process bounds a run; ``--readers N`` sets the sources' reader
+processes (one per key range). The machine is shared and noisy: compare the ratio
 measured in the same run, not absolute numbers.
 """
 
@@ -85,7 +86,7 @@ class CpuSeconds:
     @staticmethod
     def spent(before: tuple[float, float, float], after: tuple[float, float, float]) -> str:
         daemon, child, server = (b - a for a, b in zip(before, after, strict=True))
-        return f"CPU s: daemon {daemon:.1f}, reader child {child:.1f}, PostgreSQL ≥{server:.1f}"
+        return f"CPU s: daemon {daemon:.1f}, reader children {child:.1f}, PostgreSQL ≥{server:.1f}"
 
 
 def fill_postgres(server: PgServer, database: str, rows: int) -> None:
@@ -165,6 +166,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-rows", type=int, default=10_000)
+    parser.add_argument("--readers", type=int, default=None,
+                        help="reader processes per import (default: the daemon's default)")
     args = parser.parse_args()
     rows = args.rows
     work = Path(tempfile.mkdtemp(prefix="nurseryd-bench-db-"))
@@ -180,11 +183,12 @@ async def main() -> None:
         print(f"generated {rows:,} source rows in SQLite and PostgreSQL in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
         config = work / "nurseryd.toml"
+        readers = f"readers = {args.readers}\n" if args.readers else ""
         config.write_text(
             f'[sources.sqlite]\nurl = "sqlite:///{sqlite_path}"\ntable = "chats"\n'
-            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n\n'
+            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n{readers}\n'
             f'[sources.pg]\nurl = "{server.url(source_db)}"\ntable = "legacy_chats"\n'
-            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n')
+            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n{readers}')
         env = {"NURSERYD_DATABASE_URL": server.url(target_db),
                "NURSERYD_STATE_DIR": str(work / "state"), "NURSERYD_CONFIG": str(config)}
         # pgloader runs before and after the daemon: on a shared machine the load
@@ -200,7 +204,8 @@ async def main() -> None:
             pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows, cpu)
             pg_rss = rss.peak
         second = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}_2", rows)
-        print(f"\n{rows:,} rows, batch_rows={args.batch_rows}\n")
+        print(f"\n{rows:,} rows, batch_rows={args.batch_rows}, "
+              f"readers={args.readers or 'default'}\n")
         print("| load | time | rate | peak RSS | speed vs pgloader (same file, >1 = faster) |")
         print("|---|---|---|---|---|")
         loaders = [run for run in (first, second) if run is not None]
