@@ -10,13 +10,22 @@ daemon's event loop spends almost nothing per row (measured in
 ``docs/benchmarks.md``: a worker thread could not get there, the interpreter
 lock is shared with the loop).
 
+Key ranges: one child was the serial bottleneck of an import (it gets one share
+of a busy machine), so the source is read by ``readers`` children at once, each
+on its own key range (``after < key <= until``), which the job's first child
+cuts and announces in a plan frame before its first batch. Each range's relay
+stamps its batch, under one lock, with every range's last point and sends it:
+batches reach the pipeline, and so commit, in stamp order, so a committed
+position tells each range where to continue. The first fatal error of any
+range stops all of them and is the job's error.
+
 Reconnects: a child is one session and exits at its first error, saying
 whether it is transient (:func:`~nurseryd.db.transient.is_transient` decides, in
 the child). Here a transient failure waits the policy's back-off and starts a
-new child after the last batch relayed, so no row is read twice or skipped; a
+new child for that range after its last batch relayed, so no row is read twice or skipped; a
 session that relayed batches before failing starts a fresh attempt count.
 
-Cancellation: the child runs under ``trio.run_process`` in this task's nursery;
+Cancellation: every child runs under ``trio.run_process`` in this task's nursery;
 its ``deliver_cancel`` sends SIGTERM (the child cancels the running statement
 on a PostgreSQL source, or just ends on SQLite) and SIGKILL a second later.
 """

@@ -8,14 +8,16 @@ coercion already ran in one: ~1.0x pgloader); a process puts reading and
 coercion on the machine's other core and leaves the daemon only the relay of
 ready COPY bytes, as the Excel parser child does.
 
-One child is one *session*: connect, match the header, optionally count, then
-pages after the given key until the end or the first error. It does not retry:
+One child is one *session* of one key range: connect, match the header,
+optionally count, optionally cut the ranges (the job's first child: several
+children read a source at once, as each gets its own share of the machine),
+then pages of its range after the given key until its end or the first error. It does not retry:
 it reports the error as transient or fatal (:meth:`.db_readers.Reader.classify`)
 and exits, and the daemon (which owns the back-off policy, its counters and
 the job's cancellation) starts a new child after the last batch it relayed.
 
 Input: one JSON object on stdin (the resolved URL travels here, never in argv).
-Output: frames on stdout (see :mod:`.framing`): header, total, batches (the one
+Output: frames on stdout (see :mod:`.framing`): header, total, plan, batches (the one
 :class:`~.base.SourceBatch`, built by the one :class:`~.base.Emitter`), then
 done or error. Backpressure is the pipe: when the daemon is busy, ``write`` blocks.
 

@@ -6,6 +6,8 @@ a snapshot, or locks) open on the source for the hours a big import may take,
 a dropped connection costs one page, and the last key of a committed batch is
 all a restarted job needs to continue: it is stored in the checkpoint the
 pipeline commits with the batch. Memory holds one page, whatever the table's size.
+The same predicate bounded above (``AND (key) <= (until)``) is a key range,
+which lets several children read one source at once, each its own range.
 
 These readers run in the child process (:mod:`.database_child`), on plain
 asyncio: PostgreSQL through asyncpg (a cancelled ``fetch`` makes asyncpg send a
