@@ -8,8 +8,10 @@ Starts its own PostgreSQL (the embedded pgserver build) in a temporary
 directory, or uses ``NURSERYD_TEST_DATABASE_URL``. Source data is generated
 server-side (see ``tests/source_dbs.py``): 14 columns, one of which the target
 lacks. Peak RSS is sampled every 20 ms from the daemon process (and from
-pgloader's process tree); CPU seconds of the daemon, its reader child and the PostgreSQL
-server show which process bounds a run. The machine is shared and noisy: compare the ratio
+pgloader's process tree); CPU seconds of the daemon, its reader children (together) and the
+PostgreSQL server show which process bounds a run; ``--readers N`` sets the sources' reader
+processes (one per key range); ``--readers 1,2,2,1`` runs one import per count, each between
+two pgloader runs. The machine is shared and noisy: compare the ratio
 measured in the same run, not absolute numbers.
 """
 
@@ -85,7 +87,7 @@ class CpuSeconds:
     @staticmethod
     def spent(before: tuple[float, float, float], after: tuple[float, float, float]) -> str:
         daemon, child, server = (b - a for a, b in zip(before, after, strict=True))
-        return f"CPU s: daemon {daemon:.1f}, reader child {child:.1f}, PostgreSQL ≥{server:.1f}"
+        return f"CPU s: daemon {daemon:.1f}, reader children {child:.1f}, PostgreSQL ≥{server:.1f}"
 
 
 def fill_postgres(server: PgServer, database: str, rows: int) -> None:
@@ -161,10 +163,28 @@ def line(name: str, seconds: float, rows: int, rss: int, ratio: str = "") -> Non
           f"{rss / 1024**2:.0f} MB | {ratio} |", flush=True)
 
 
+def reader_counts(text: str) -> list[int | None]:
+    """``--readers 1,2,2,1`` -> [1, 2, 2, 1]; ``""`` -> [None] (the daemon's default)."""
+    return [int(part) for part in text.split(",") if part.strip()] or [None]
+
+
+def source_config(name: str, url: str, table: str, batch_rows: int, readers: int | None) -> str:
+    line = f"readers = {readers}\n" if readers else ""
+    return (f'[sources.{name}]\nurl = "{url}"\ntable = "{table}"\nkey = ["chat_id"]\n'
+            f"batch_rows = {batch_rows}\n{line}\n")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-rows", type=int, default=10_000)
+    parser.add_argument("--readers", type=reader_counts, default=[None],
+                        help="reader processes per import, one import each: '1,2,2,1' "
+                             "(default: one import with the daemon's default); with several, "
+                             "pgloader runs between them and each import's ratio is against "
+                             "the mean of the pgloader runs right before and after it")
+    parser.add_argument("--sqlite-only", action="store_true",
+                        help="skip the PostgreSQL -> PostgreSQL imports")
     args = parser.parse_args()
     rows = args.rows
     work = Path(tempfile.mkdtemp(prefix="nurseryd-bench-db-"))
@@ -176,41 +196,65 @@ async def main() -> None:
         server.create_database(source_db)
         started = time.perf_counter()
         sqlite_path = make_sqlite_source(work / "legacy.db", rows)
-        fill_postgres(server, source_db, rows)
-        print(f"generated {rows:,} source rows in SQLite and PostgreSQL in "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+        if not args.sqlite_only:
+            fill_postgres(server, source_db, rows)
+        print(f"generated {rows:,} source rows in {time.perf_counter() - started:.1f} s",
+              flush=True)
         config = work / "nurseryd.toml"
-        config.write_text(
-            f'[sources.sqlite]\nurl = "sqlite:///{sqlite_path}"\ntable = "chats"\n'
-            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n\n'
-            f'[sources.pg]\nurl = "{server.url(source_db)}"\ntable = "legacy_chats"\n'
-            f'key = ["chat_id"]\nbatch_rows = {args.batch_rows}\n')
+        counts = list(dict.fromkeys(args.readers))
+
+        def named(kind: str, readers: int | None) -> str:
+            return f"{kind}_r{readers}" if readers else kind
+
+        config.write_text("".join(
+            source_config(named("sqlite", n), f"sqlite:///{sqlite_path}", "chats",
+                          args.batch_rows, n)
+            + source_config(named("pg", n), server.url(source_db), "legacy_chats",
+                            args.batch_rows, n)
+            for n in counts))
         env = {"NURSERYD_DATABASE_URL": server.url(target_db),
                "NURSERYD_STATE_DIR": str(work / "state"), "NURSERYD_CONFIG": str(config)}
-        # pgloader runs before and after the daemon: on a shared machine the load
-        # changes within minutes, and the ratio is against the mean of the two.
-        first = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}_1", rows)
+        # pgloader runs before and after each import: on a shared machine the load
+        # changes within minutes, and each ratio is against the mean of the two around it.
+        loaders = [await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}_0", rows)]
+        results: list[tuple[int | None, float, int, float | None, int]] = []
         async with DaemonProcess.start(env) as daemon, daemon.client(timeout=30) as client:
             rss = PeakRss(daemon.process.pid)
             cpu = CpuSeconds(daemon.process.pid, server)
             idle = rss.sample()
-            sqlite_s, _ = await daemon_import(client, server, target_db, "sqlite", rss, rows,
-                                              cpu)
-            sqlite_rss = rss.peak
-            pg_s, _ = await daemon_import(client, server, target_db, "pg", rss, rows, cpu)
-            pg_rss = rss.peak
-        second = await run_pgloader(server, sqlite_path, f"bench_pgloader_{suffix}_2", rows)
+            for number, readers in enumerate(args.readers, 1):
+                print(f"readers={readers or 'default'}, {os.getloadavg()[0]:.1f} load",
+                      flush=True)
+                sqlite_s, _ = await daemon_import(client, server, target_db,
+                                                  named("sqlite", readers), rss, rows, cpu)
+                sqlite_rss = rss.peak
+                pg_s: float | None = None
+                pg_rss = 0
+                if not args.sqlite_only:
+                    pg_s, _ = await daemon_import(client, server, target_db,
+                                                  named("pg", readers), rss, rows, cpu)
+                    pg_rss = rss.peak
+                results.append((readers, sqlite_s, sqlite_rss, pg_s, pg_rss))
+                if len(args.readers) > 1 or number == len(args.readers):
+                    loaders.append(await run_pgloader(
+                        server, sqlite_path, f"bench_pgloader_{suffix}_{number}", rows))
         print(f"\n{rows:,} rows, batch_rows={args.batch_rows}\n")
         print("| load | time | rate | peak RSS | speed vs pgloader (same file, >1 = faster) |")
         print("|---|---|---|---|---|")
-        loaders = [run for run in (first, second) if run is not None]
-        mean = sum(run[0] for run in loaders) / len(loaders) if loaders else None
-        ratio = f"{mean / sqlite_s:.2f}×" if mean else "pgloader not installed"
-        line("nurseryd SQLite -> PG", sqlite_s, rows, sqlite_rss, ratio)
-        line("nurseryd PG -> PG", pg_s, rows, pg_rss, "")
-        for when, run in zip(("before", "after"), (first, second), strict=True):
-            if run is not None and mean:
-                line(f"pgloader SQLite -> PG ({when})", run[0], rows, run[1], "")
+        for index, (readers, sqlite_s, sqlite_rss, pg_s, pg_rss) in enumerate(results):
+            around = [run for run in (loaders[index] if len(results) > 1 else loaders[0],
+                                      loaders[index + 1] if len(results) > 1 else loaders[-1])
+                      if run is not None]
+            mean = sum(run[0] for run in around) / len(around) if around else None
+            ratio = f"{mean / sqlite_s:.2f}× (pgloader {mean:.2f} s)" if mean \
+                else "pgloader not installed"
+            label = f"readers={readers}" if readers else "default readers"
+            line(f"nurseryd SQLite -> PG, {label}", sqlite_s, rows, sqlite_rss, ratio)
+            if pg_s is not None:
+                line(f"nurseryd PG -> PG, {label}", pg_s, rows, pg_rss, "")
+        for index, run in enumerate(loaders):
+            if run is not None:
+                line(f"pgloader SQLite -> PG (run {index})", run[0], rows, run[1], "")
         print(f"\ndaemon RSS idle before the imports: {idle / 1024**2:.0f} MB")
     finally:
         server.stop()

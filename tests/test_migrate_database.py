@@ -110,7 +110,11 @@ async def test_sqlite_100k_rows_exact_then_idempotent(target_db: Database,
         row = await target_db.fetchrow("SELECT * FROM chats WHERE chat_id = $1", 100000 + i)
         assert {k: row[k] for k in expected_chat(i)} == expected_chat(i)
     committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
-    assert committed["position"] == {"after": [200_000], "rows": 100_000}
+    # Two readers, one range each, cut at the middle row; each range's last relayed key.
+    shards = committed["position"]["shards"]
+    assert [(s["after"], s["rows"], s["until"]) for s in shards] == [
+        ([150_000], 50_000, [150_000]), ([200_000], 100_000, None)]
+    assert result["readers"] == 2
 
     again = SourceContext(target_db, await new_job(target_db), settings)
     result = await run(again, source_for(settings, "legacy"))
@@ -128,13 +132,15 @@ async def test_sqlite_resume_after_interruption_applies_each_row_once(
         query = "SELECT * FROM chats WHERE chat_id > 0"
         key = "chat_id"
         batch_rows = 500
+        readers = 1
     """)
     job = await new_job(target_db)
     first = SourceContext(target_db, job, settings)
     with pytest.raises(JobFailed, match="interrupted after 4 batches"):
         await run(first, StopAfter(source_for(settings, "legacy"), 4))
     committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
-    assert committed["position"] == {"after": [102000], "rows": 2000}
+    assert committed["position"] == {"shards": [{"after": [102000], "rows": 2000,
+                                                 "until": None, "done": False}]}
     assert (committed["processed"], committed["failed"]) == (1999, 1)
     assert await target_db.fetchval("SELECT count(*) FROM chats") == 1999
 
@@ -249,7 +255,7 @@ async def test_reading_and_coercion_stay_out_of_the_daemons_process(
         nursery.cancel_scope.cancel()
     assert ctx.counters == {"total": 20_000, "processed": 19_999, "failed": 1}
     assert result["pages"] == 10 and ticks > 0
-    assert len(source.pids) == 1 and source.pids[0] != os.getpid()
+    assert len(source.pids) == 2 and os.getpid() not in source.pids  # one per key range
     reject = await target_db.fetchrow("SELECT row_number FROM migration_rejects "
                                       "WHERE job_id = $1", ctx.job_id)
     assert reject["row_number"] == 777
@@ -296,7 +302,8 @@ async def test_postgres_to_postgres_with_aliases_rejects_and_ignored_columns(
     ctx = SourceContext(target_db, await new_job(target_db), settings)
     result = await run(ctx, source_for(settings, "renamed"))
     assert ctx.counters == {"total": 3000, "processed": 2999, "failed": 1}
-    assert result["database"] == "postgresql" and result["pages"] == 5
+    # Two ranges of 1500 rows, each in pages of 700 + 700 + 100.
+    assert result["database"] == "postgresql" and result["pages"] == 6
     assert sorted(result["ignored_columns"]) == ["answer", "legacy_note"]
     assert "phone" not in result["columns"] and "channel" in result["columns"]
     row = await target_db.fetchrow("SELECT * FROM chats WHERE chat_id = 100014")
@@ -454,12 +461,13 @@ async def test_a_reconnected_session_with_other_columns_is_refused() -> None:
     """The pipeline's COPY plan follows the first header: a later session (after a
     reconnect) whose result has other columns must stop the job, not misplace rows."""
     from nurseryd.kinds.migrate.sources import framing
-    from nurseryd.kinds.migrate.sources.database import Progress, _Relay
+    from nurseryd.kinds.migrate.sources.database import Progress, Shard, _Relay
 
     config = parse_sources({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"]}},
                            {})["x"]
     send, receive = trio.open_memory_channel[Any](5)
-    relay = _Relay(DatabaseSource(config), Progress(None, 0), send)
+    shard = Shard(None, 0)
+    relay = _Relay(DatabaseSource(config), Progress([shard]), shard, send)
     first = json.dumps({"columns": ["id", "name"], "ignored": []}).encode()
     await relay.handle(framing.HEADER, first)
     await relay.handle(framing.HEADER, first)  # the same layout again: fine, not re-sent
@@ -486,6 +494,10 @@ async def test_a_reconnected_session_with_other_columns_is_refused() -> None:
      "sources.x.batch_rows"),
     ({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"], "pasword": "x"}},
      "sources.x.pasword"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"], "readers": 0}},
+     "sources.x.readers"),
+    ({"x": {"url": "sqlite:///a.db", "table": "t", "key": ["id"], "readers": 9}},
+     "sources.x.readers"),
 ])
 def test_config_errors_name_the_dotted_key(toml: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -564,6 +576,8 @@ async def test_sigkill_mid_import_then_restart_resumes_exactly(
         database_url: str, state_dir: Path, tmp_path: Path, aio_loop: object) -> None:
     rows = 60_000
     path = make_sqlite_source(tmp_path / "legacy.db", rows)
+    bad = [500, 30_001, 59_999]  # in the first range (read before the kill) and the second
+    spoil_sqlite(path, *(100000 + i for i in bad))
     config = tmp_path / "nurseryd.toml"
     config.write_text(f'[sources.legacy]\nurl = "sqlite:///{path}"\ntable = "chats"\n'
                       'key = ["chat_id"]\nbatch_rows = 1000\n')
@@ -586,6 +600,12 @@ async def test_sigkill_mid_import_then_restart_resumes_exactly(
         between = await db.fetchrow("SELECT status, processed FROM jobs WHERE id = $1", job_id)
         assert between["status"] == "running" and 5000 <= between["processed"] < rows
         assert await db.fetchval("SELECT count(*) FROM chats") == between["processed"]
+        checkpoint = await db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job_id)
+        # Two ranges read in parallel, cut at row 30,000; each stands at its own batch.
+        shards = checkpoint["position"]["shards"]
+        assert [s["until"] for s in shards] == [[130_000], None]
+        assert sum(s["rows"] - start for s, start in zip(shards, (0, 30_000), strict=True)) \
+            == between["processed"] + checkpoint["failed"]
     async with DaemonProcess.start(env) as again, again.client() as client:
 
         async def finished() -> dict | None:
@@ -594,12 +614,18 @@ async def test_sigkill_mid_import_then_restart_resumes_exactly(
 
         done = await eventually(finished, timeout=30)
     assert done["status"] == "completed", done
-    assert (done["total"], done["processed"], done["failed"]) == (rows, rows, 0)
+    good = rows - len(bad)
+    assert (done["total"], done["processed"], done["failed"]) == (rows, good, len(bad))
     assert done["attempts"] == 2
-    assert done["result"]["inserted"] == rows and done["result"]["updated"] == 0
+    # No batch twice (it would count as unchanged), no row lost.
+    assert done["result"]["inserted"] == good and done["result"]["updated"] == 0
+    assert done["result"]["unchanged"] == 0
     async with open_database(database_url, min_size=1, max_size=1) as db:
-        assert await db.fetchval("SELECT count(*) FROM chats") == rows
-        assert await db.fetchval("SELECT count(DISTINCT chat_id) FROM chats") == rows
+        assert await db.fetchval("SELECT count(*) FROM chats") == good
+        assert await db.fetchval("SELECT count(DISTINCT chat_id) FROM chats") == good
+        numbers = await db.fetch("SELECT row_number FROM migration_rejects WHERE job_id = $1 "
+                                 "ORDER BY row_number", job_id)
+        assert [r["row_number"] for r in numbers] == bad
 
 
 async def test_http_cancel_stops_the_query_on_the_source_server(
@@ -623,3 +649,244 @@ async def test_http_cancel_stops_the_query_on_the_source_server(
         await source_session_gone(source)
         shown = (await daemon.client.get(f"/migration/jobs/{job['id']}")).json()
         assert shown["status"] == "cancelled" and shown["source_type"] == "database"
+
+
+# ------------------------------------------------- key ranges (parallel readers)
+
+
+def ranged_sqlite(path: Path, readers: int, batch_rows: int = 1000, **extra: str) -> Settings:
+    lines = "\n".join(f"{key} = {value}" for key, value in extra.items())
+    return plain_settings(f"""
+        [sources.legacy]
+        url = "sqlite:///{path}"
+        table = "chats"
+        key = ["chat_id"]
+        batch_rows = {batch_rows}
+        readers = {readers}
+        {lines}
+    """)
+
+
+async def outcome(db: Database, ctx: Any) -> dict[str, Any]:
+    """Everything an import leaves: counters, rejects with their row numbers and raw
+    values, and the target's content (a digest of every row, in key order)."""
+    rejects = await db.fetch("SELECT row_number, column_name, reason, raw FROM migration_rejects "
+                             "WHERE job_id = $1 ORDER BY row_number", ctx.job_id)
+    return {"counters": dict(ctx.counters),
+            "rejects": [tuple(r) for r in rejects],
+            "rows": await db.fetchval("SELECT count(*) FROM chats"),
+            "content": await db.fetchval("SELECT md5(string_agg(c::text, '|' ORDER BY chat_id)) "
+                                         "FROM chats c")}
+
+
+def spoil_sqlite(path: Path, *chat_ids: int) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        conn.executemany("UPDATE chats SET message_count = 'many' WHERE chat_id = ?",
+                         [(chat_id,) for chat_id in chat_ids])
+
+
+async def test_ranges_give_exactly_what_one_reader_gives_sqlite(target_db: Database,
+                                                                tmp_path: Path) -> None:
+    rows = 30_000
+    path = make_sqlite_source(tmp_path / "legacy.db", rows)
+    # Rejects at both ends, on each side of every cut (2 and 3 ranges), and inside.
+    bad = [1, 7_777, 10_000, 10_001, 14_999, 15_000, 15_001, 20_000, 20_001, 29_999, 30_000]
+    spoil_sqlite(path, *(100000 + i for i in bad))
+    seen: dict[int, dict[str, Any]] = {}
+    for readers in (1, 2, 3):
+        await target_db.execute("TRUNCATE chats")
+        ctx = SourceContext(target_db, await new_job(target_db), ranged_sqlite(path, readers))
+        source = source_for(ctx.settings, "legacy")
+        result = await run(ctx, source)
+        assert result["readers"] == readers and len(source.pids) == readers
+        assert result["inserted"] == rows - len(bad)
+        seen[readers] = await outcome(target_db, ctx)
+    assert seen[1]["counters"] == {"total": rows, "processed": rows - len(bad),
+                                   "failed": len(bad)}
+    assert [r[0] for r in seen[1]["rejects"]] == bad
+    assert seen[2] == seen[1] and seen[3] == seen[1]
+
+
+async def test_ranges_give_exactly_what_one_reader_gives_postgres(
+        target_db: Database, source_pg: tuple[str, Database]) -> None:
+    url, source = source_pg
+    await fill_pg(source, 1, 9000)
+    await source.execute("ALTER TABLE legacy_chats ALTER external_id DROP NOT NULL")
+    bad = [1, 4500, 4501, 8999]
+    await source.execute("UPDATE legacy_chats SET external_id = NULL WHERE chat_id = ANY($1)",
+                         [100000 + i for i in bad])
+    seen: dict[int, dict[str, Any]] = {}
+    for readers in (1, 2):
+        await target_db.execute("TRUNCATE chats")
+        settings = pg_settings(url, batch_rows="1000", readers=str(readers))
+        ctx = SourceContext(target_db, await new_job(target_db), settings)
+        result = await run(ctx, source_for(settings, "legacy"))
+        assert result["readers"] == readers
+        seen[readers] = await outcome(target_db, ctx)
+    assert [r[0] for r in seen[1]["rejects"]] == bad
+    assert seen[2] == seen[1]
+
+
+async def test_one_reader_when_the_source_key_does_not_decide_the_target_key(
+        target_db: Database, tmp_path: Path) -> None:
+    """Paged by another column than the target's key, two ranges could hold rows of
+    one target row, and which one wins would follow the interleaving: one reader."""
+    path = make_sqlite_source(tmp_path / "legacy.db", 5000)
+    settings = plain_settings(f"""
+        [sources.legacy]
+        url = "sqlite:///{path}"
+        table = "chats"
+        key = ["external_id"]
+        batch_rows = 500
+    """)
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    source = source_for(settings, "legacy")
+    result = await run(ctx, source)
+    assert result["readers"] == 1 and len(source.pids) == 1
+    assert ctx.counters == {"total": 5000, "processed": 5000, "failed": 0}
+
+
+async def test_interrupted_ranged_import_resumes_each_range_after_its_own_batch(
+        target_db: Database, tmp_path: Path) -> None:
+    rows = 20_000
+    path = make_sqlite_source(tmp_path / "legacy.db", rows)
+    bad = [3, 9_999, 10_001, 19_000]
+    spoil_sqlite(path, *(100000 + i for i in bad))
+    settings = ranged_sqlite(path, 2, batch_rows=500)
+    job = await new_job(target_db)
+    first = SourceContext(target_db, job, settings)
+    with pytest.raises(JobFailed, match="interrupted after 9 batches"):
+        await run(first, StopAfter(source_for(settings, "legacy"), 9))
+    committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
+    shards = committed["position"]["shards"]
+    assert [s["until"] for s in shards] == [[110_000], None]
+    # However the two ranges interleaved, the checkpoint holds 9 batches of 500 rows.
+    assert sum(s["rows"] - start for s, start in zip(shards, (0, 10_000), strict=True)) == 4500
+    assert committed["processed"] + committed["failed"] == 4500
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == committed["processed"]
+
+    second = SourceContext(target_db, job, settings, checkpoint=committed)
+    resumed = source_for(settings, "legacy")
+    result = await run(second, resumed)
+    assert len(resumed.pids) == 2  # both ranges continue, none is cut again
+    assert second.counters == {"total": rows, "processed": rows - len(bad), "failed": len(bad)}
+    # No batch twice (it would count as unchanged), no row lost.
+    assert result["unchanged"] == 0 and result["updated"] == 0
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == rows - len(bad)
+    rejects = await target_db.fetch("SELECT row_number FROM migration_rejects WHERE job_id = $1 "
+                                    "ORDER BY row_number", job)
+    assert [r["row_number"] for r in rejects] == bad
+
+
+async def test_a_single_readers_checkpoint_resumes_its_rest_in_ranges(
+        target_db: Database, tmp_path: Path) -> None:
+    """A checkpoint the one-reader code wrote (``{"after", "rows"}``) resumes exactly;
+    what is left of the source is cut into ranges."""
+    path = make_sqlite_source(tmp_path / "legacy.db", 12_000)
+    bad = [100, 2_001, 7_000, 11_999]
+    spoil_sqlite(path, *(100000 + i for i in bad))
+    job = await new_job(target_db)
+    single = ranged_sqlite(path, 1, batch_rows=500)
+    first = SourceContext(target_db, job, single)
+    with pytest.raises(JobFailed, match="interrupted after 4 batches"):
+        await run(first, StopAfter(source_for(single, "legacy"), 4))
+    committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
+    (state,) = committed["position"]["shards"]
+    legacy = {**committed, "position": {"after": state["after"], "rows": state["rows"]}}
+    assert legacy["position"] == {"after": [102_000], "rows": 2000}
+
+    ranged = ranged_sqlite(path, 2, batch_rows=500)
+    second = SourceContext(target_db, job, ranged, checkpoint=legacy)
+    result = await run(second, source_for(ranged, "legacy"))
+    assert result["readers"] == 2 and result["unchanged"] == 0
+    assert second.counters == {"total": 12_000, "processed": 12_000 - 4, "failed": 4}
+    rejects = await target_db.fetch("SELECT row_number FROM migration_rejects WHERE job_id = $1 "
+                                    "ORDER BY row_number", job)
+    assert [r["row_number"] for r in rejects] == bad
+    committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", job)
+    # The rest (rows 2001..12000) was cut at its middle row, 7000.
+    assert [s["until"] for s in committed["position"]["shards"]] == [[107_000], None]
+
+
+def gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def has_open(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` holds ``path`` open (Linux ``/proc``)."""
+    import os
+
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
+    except OSError:  # gone, or an fd closed while listed
+        return False
+
+
+async def test_cancel_stops_every_reader_child(tmp_path: Path) -> None:
+    from nurseryd.kinds.migrate.sources.base import SourceBatch
+
+    path = make_sqlite_source(tmp_path / "legacy.db", 60_000)
+    settings = ranged_sqlite(path, 3, batch_rows=500)
+    source = source_for(settings, "legacy")
+    send, receive = trio.open_memory_channel[Any](0)
+    started: list[float] = []
+
+    async def all_reading() -> bool:  # each child has the file open; none has ended
+        return len(source.pids) == 3 and all(has_open(pid, path.resolve())
+                                             for pid in source.pids)
+
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(source.run, CHATS_TARGET.columns, None, send)
+            while not isinstance(await receive.receive(), SourceBatch):
+                pass  # the header and the total; the plan came before the first batch
+            # Nothing more is received: the children block on full pipes, mid-range
+            # (a range is 40 pages, a pipe holds about 10).
+            await eventually(all_reading, timeout=20)
+            started.append(trio.current_time())
+            scope.cancel()
+    stopped = trio.current_time() - started[0]
+    assert all(gone(pid) for pid in source.pids)  # stopped and reaped, all three
+    assert stopped < 0.5, stopped
+
+
+async def test_a_crashed_reader_child_fails_the_job_and_stops_the_others(
+        target_db: Database, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    path = make_sqlite_source(tmp_path / "legacy.db", 60_000)
+    settings = ranged_sqlite(path, 2, batch_rows=500)
+    source = source_for(settings, "legacy")
+    killed: list[int] = []
+
+    async def crash_one() -> None:  # once both ranges' children run and batches flow
+        async def both() -> bool:
+            return len(source.pids) == 2 and source.stats["pages"] >= 2
+
+        await eventually(both, timeout=20)
+        killed.append(source.pids[1])
+        os.kill(source.pids[1], signal.SIGKILL)
+
+    ctx = SourceContext(target_db, await new_job(target_db), settings)
+    failed: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(crash_one)
+        try:
+            await run(ctx, source)
+        except JobFailed as error:
+            failed.append(str(error))
+    assert failed == ["source legacy (sqlite): the reader process exited with code -9 "
+                      "before finishing"]
+    assert killed and all(gone(pid) for pid in source.pids)
+    committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
+    assert await target_db.fetchval("SELECT count(*) FROM chats") == committed["processed"]

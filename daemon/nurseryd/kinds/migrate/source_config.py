@@ -112,6 +112,8 @@ class DatabaseSourceConfig:
     connect_attempts: int = 5
     retry_backoff_s: float = 0.5
     retry_backoff_max_s: float = 15.0
+    #: Reader processes, each on its own key range (1: one reader, the key order).
+    readers: int = 2
 
     def resolve_url(self) -> str:
         """The URL now (env read at job start); raises SecretMissing or ValueError."""
@@ -138,7 +140,10 @@ def sqlite_path(url: str) -> Path:
 
 
 _SOURCE_KEYS = {"url", "table", "query", "key", "batch_rows", "connect_timeout_s",
-                "connect_attempts", "retry_backoff_s", "retry_backoff_max_s"}
+                "connect_attempts", "retry_backoff_s", "retry_backoff_max_s", "readers"}
+#: More readers than this only add processes: the daemon's relay and PostgreSQL's
+#: COPY are then the bottleneck (see docs/benchmarks.md).
+MAX_READERS = 8
 
 
 def _parse_source(name: str, raw: Any) -> DatabaseSourceConfig:
@@ -204,7 +209,15 @@ def _parse_source(name: str, raw: Any) -> DatabaseSourceConfig:
         connect_attempts=parse_positive_int(f"{where}.connect_attempts",
                                             raw.get("connect_attempts", base.connect_attempts)),
         retry_backoff_s=backoff, retry_backoff_max_s=backoff_max,
+        readers=_parse_readers(f"{where}.readers", raw.get("readers", base.readers)),
     )
+
+
+def _parse_readers(where: str, value: Any) -> int:
+    readers = parse_positive_int(where, value)
+    if readers > MAX_READERS:
+        raise ConfigError(where, f"at most {MAX_READERS} reader processes")
+    return readers
 
 
 def parse_sources(raw: Any, whole: Mapping[str, Any]) -> dict[str, DatabaseSourceConfig]:

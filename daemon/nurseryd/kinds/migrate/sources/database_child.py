@@ -8,14 +8,16 @@ coercion already ran in one: ~1.0x pgloader); a process puts reading and
 coercion on the machine's other core and leaves the daemon only the relay of
 ready COPY bytes, as the Excel parser child does.
 
-One child is one *session*: connect, match the header, optionally count, then
-pages after the given key until the end or the first error. It does not retry:
+One child is one *session* of one key range: connect, match the header,
+optionally count, optionally cut the ranges (the job's first child: several
+children read a source at once, as each gets its own share of the machine),
+then pages of its range after the given key until its end or the first error. It does not retry:
 it reports the error as transient or fatal (:meth:`.db_readers.Reader.classify`)
 and exits, and the daemon (which owns the back-off policy, its counters and
 the job's cancellation) starts a new child after the last batch it relayed.
 
 Input: one JSON object on stdin (the resolved URL travels here, never in argv).
-Output: frames on stdout (see :mod:`.framing`): header, total, batches (the one
+Output: frames on stdout (see :mod:`.framing`): header, total, plan, batches (the one
 :class:`~.base.SourceBatch`, built by the one :class:`~.base.Emitter`), then
 done or error. Backpressure is the pipe: when the daemon is busy, ``write`` blocks.
 
@@ -37,7 +39,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..coerce import ColumnSpec
+from ..coerce import ColumnSpec, match_header
 from . import framing
 from .base import Emitter, SourceError
 from .db_readers import (
@@ -60,8 +62,13 @@ def make_reader(spec: dict[str, Any]) -> Reader:
     return PostgresReader(reader_spec)
 
 
+#: A frame of this child only: the key ranges it cut (``{"shards": [range, ...]}``).
+PLAN = b"P"
+
+
 async def stream(reader: Reader, spec: dict[str, Any], out: Output) -> None:
-    """One session: header, total (when asked), then every page after ``spec["after"]``."""
+    """One session: header, total (when asked), the plan (when asked), then every
+    page of its key range, ``spec["after"] < key <= spec["until"]``."""
     name = spec["name"]
     columns = [ColumnSpec(name=c["name"], type=c["type"], nullable=c["nullable"],
                           aliases=tuple(c["aliases"]), key=c["key"]) for c in spec["columns"]]
@@ -71,16 +78,28 @@ async def stream(reader: Reader, spec: dict[str, Any], out: Output) -> None:
         raise ConnectTimeout(f"no connection within {float(spec['connect_timeout_s']):g} s") \
             from None
     emit = Emitter(columns, where=f"source {name}")
-    header = emit.match(await reader.columns())
+    names = await reader.columns()
+    header = emit.match(names)
     out.send(framing.HEADER, {"columns": list(header.columns), "ignored": list(header.ignored)})
-    if spec.get("count", True):
-        out.send(framing.TOTAL, {"total": await reader.count()})
     after: list[Any] | None = spec.get("after")
+    until: list[Any] | None = spec.get("until")
     done = int(spec.get("done") or 0)
     limit = int(spec["batch_rows"])
+    total: int | None = None
+    if spec.get("count", True):
+        total = await reader.count()
+        out.send(framing.TOTAL, {"total": total})
+    if int(spec.get("plan") or 0) > 1:
+        remaining = total if after is None and total is not None else await reader.count(after)
+        ranges = await cut_ranges(reader, after, done, remaining, int(spec["plan"]), limit) \
+            if keys_decide_target_keys(names, reader.key_names, columns) else []
+        if not ranges:
+            ranges = [{"after": after, "rows": done, "until": None}]
+        out.send(PLAN, {"shards": ranges})
+        until = ranges[0]["until"]
     parent = os.getppid()
     while True:
-        page = await reader.page(after, limit)
+        page = await reader.page(after, limit, until)
         if not page.rows:
             break
         if any(value is None for value in page.last_key):
@@ -101,6 +120,45 @@ async def stream(reader: Reader, spec: dict[str, Any], out: Output) -> None:
         if last_page:
             break
     out.send(framing.DONE, {"rows": done})
+
+
+def keys_decide_target_keys(names: list[str], key_names: list[str],
+                            columns: list[ColumnSpec]) -> bool:
+    """Whether every source key column feeds a target key column.
+
+    Only then can two rows of different key ranges never meet on one target
+    key, so the order in which the ranges' batches interleave cannot change
+    which row wins: the table ends up as one reader in key order leaves it.
+    """
+    match = match_header(names, columns)
+    fed_keys = {position for column, position in zip(match.columns, match.positions,
+                                                     strict=True) if column.key}
+    return all(names.index(key) in fed_keys for key in key_names)
+
+
+async def cut_ranges(reader: Reader, after: list[Any] | None, done: int, remaining: int,
+                     wanted: int, limit: int) -> list[dict[str, Any]]:
+    """``wanted`` key ranges of about equal row counts after ``after``, or [] for one.
+
+    Each range starts its row numbers at the rows before it (``done`` plus the
+    offset of its cut), so rejects carry the numbers one reader would give. A
+    range holds at least one full page, or it is not worth a process.
+    """
+    shards = min(wanted, remaining // limit)
+    if shards < 2:
+        return []
+    cuts = [remaining * index // shards for index in range(1, shards)]
+    bounds: list[list[Any]] = []
+    for cut in cuts:
+        key = await reader.key_at(after, cut - 1)  # the last key of the range before
+        if key is None or any(value is None for value in key):
+            return []  # rows vanished since the count, or NULL keys: one reader says why
+        bounds.append(key)
+    starts = [after, *bounds]
+    ends: list[list[Any] | None] = [*bounds, None]
+    rows = [done, *(done + cut for cut in cuts)]
+    return [{"after": start, "rows": first, "until": end}
+            for start, first, end in zip(starts, rows, ends, strict=True)]
 
 
 class ConnectTimeout(TimeoutError):

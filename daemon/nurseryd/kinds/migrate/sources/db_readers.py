@@ -6,6 +6,8 @@ a snapshot, or locks) open on the source for the hours a big import may take,
 a dropped connection costs one page, and the last key of a committed batch is
 all a restarted job needs to continue: it is stored in the checkpoint the
 pipeline commits with the batch. Memory holds one page, whatever the table's size.
+The same predicate bounded above (``AND (key) <= (until)``) is a key range,
+which lets several children read one source at once, each its own range.
 
 These readers run in the child process (:mod:`.database_child`), on plain
 asyncio: PostgreSQL through asyncpg (a cancelled ``fetch`` makes asyncpg send a
@@ -123,10 +125,18 @@ class Reader:
     async def columns(self) -> list[str]:
         raise NotImplementedError
 
-    async def count(self) -> int:
+    async def count(self, after: list[Any] | None = None) -> int:
+        """Rows in the source (after ``after``, when given)."""
         raise NotImplementedError
 
-    async def page(self, after: list[Any] | None, limit: int) -> Page:
+    async def key_at(self, after: list[Any] | None, offset: int) -> list[Any] | None:
+        """The key of the row ``offset`` rows past ``after`` (0: the first), as a
+        checkpoint holds it; None when there is no such row. Cuts the key ranges."""
+        raise NotImplementedError
+
+    async def page(self, after: list[Any] | None, limit: int,
+                   until: list[Any] | None = None) -> Page:
+        """Up to ``limit`` rows with ``after < key <= until`` (None: unbounded), in key order."""
         raise NotImplementedError
 
 
@@ -174,25 +184,50 @@ class PostgresReader(Reader):
         self.key_types = [types[name] for name in self.key_names]
         return names
 
-    async def count(self) -> int:
-        return int(await self.conn.fetchval(
-            f"SELECT count(*) FROM {self.spec.base_sql()} AS s"))
-
-    def page_sql(self, resuming: bool) -> str:
-        keys = [f"s.{quote_ident(name)}" for name in self.key_names]
-        texts = ", ".join(f"{key}::text" for key in keys)
-        where = ""
-        if resuming:
-            casts = ", ".join(f"${i}::text::{kind}"
+    def _where(self, after: list[Any] | None, until: list[Any] | None,
+               args: list[Any]) -> str:
+        """``WHERE`` of a key range; appends its parameters (key texts) to ``args``."""
+        keys = f"({', '.join(f's.{quote_ident(name)}' for name in self.key_names)})"
+        terms = []
+        for operator, bound in ((">", after), ("<=", until)):
+            if bound is None:
+                continue
+            casts = ", ".join(f"${len(args) + i}::text::{kind}"
                               for i, kind in enumerate(self.key_types, 1))
-            where = f" WHERE ({', '.join(keys)}) > ({casts})"
-        limit = f"${len(self.key_names) + 1}" if resuming else "$1"
-        return (f"SELECT s.*, {texts} FROM {self.spec.base_sql()} AS s{where} "
-                f"ORDER BY {', '.join(keys)} LIMIT {limit}")
+            args.extend(bound)
+            terms.append(f"{keys} {operator} ({casts})")
+        return f" WHERE {' AND '.join(terms)}" if terms else ""
 
-    async def page(self, after: list[Any] | None, limit: int) -> Page:
-        args = [*after, limit] if after is not None else [limit]
-        rows = await self.conn.fetch(self.page_sql(after is not None), *args)
+    def _order(self) -> str:
+        return ", ".join(f"s.{quote_ident(name)}" for name in self.key_names)
+
+    async def count(self, after: list[Any] | None = None) -> int:
+        args: list[Any] = []
+        where = self._where(after, None, args)
+        return int(await self.conn.fetchval(
+            f"SELECT count(*) FROM {self.spec.base_sql()} AS s{where}", *args))
+
+    async def key_at(self, after: list[Any] | None, offset: int) -> list[Any] | None:
+        args: list[Any] = []
+        where = self._where(after, None, args)
+        texts = ", ".join(f"s.{quote_ident(name)}::text" for name in self.key_names)
+        row = await self.conn.fetchrow(
+            f"SELECT {texts} FROM {self.spec.base_sql()} AS s{where} ORDER BY {self._order()} "
+            f"LIMIT 1 OFFSET ${len(args) + 1}", *args, offset)
+        return None if row is None else list(row)
+
+    def page_sql(self, after: list[Any] | None, until: list[Any] | None,
+                 args: list[Any]) -> str:
+        texts = ", ".join(f"s.{quote_ident(name)}::text" for name in self.key_names)
+        where = self._where(after, until, args)
+        return (f"SELECT s.*, {texts} FROM {self.spec.base_sql()} AS s{where} "
+                f"ORDER BY {self._order()} LIMIT ${len(args) + 1}")
+
+    async def page(self, after: list[Any] | None, limit: int,
+                   until: list[Any] | None = None) -> Page:
+        args: list[Any] = []
+        sql = self.page_sql(after, until, args)
+        rows = await self.conn.fetch(sql, *args, limit)
         if not rows:
             return Page([], after or [])
         last = rows[-1]
@@ -239,23 +274,49 @@ class SqliteReader(Reader):
         self.key_positions = [names.index(name) for name in self.key_names]
         return names
 
-    async def count(self) -> int:
-        sql = f"SELECT count(*) FROM {self.spec.base_sql()} AS s"
-        return int(self._conn().execute(sql).fetchone()[0])
+    def _where(self, after: list[Any] | None, until: list[Any] | None,
+               args: list[Any]) -> str:
+        keys = f"({', '.join(f's.{quote_ident(name)}' for name in self.key_names)})"
+        marks = f"({', '.join('?' * len(self.key_names))})"
+        terms = []
+        for operator, bound in ((">", after), ("<=", until)):
+            if bound is not None:
+                args.extend(bound)
+                terms.append(f"{keys} {operator} {marks}")
+        return f" WHERE {' AND '.join(terms)}" if terms else ""
 
-    async def page(self, after: list[Any] | None, limit: int) -> Page:
-        keys = [f"s.{quote_ident(name)}" for name in self.key_names]
-        where = ""
-        if after is not None:
-            where = f" WHERE ({', '.join(keys)}) > ({', '.join('?' * len(keys))})"
-        sql = (f"SELECT s.* FROM {self.spec.base_sql()} AS s{where} ORDER BY {', '.join(keys)} "
+    def _order(self) -> str:
+        return ", ".join(f"s.{quote_ident(name)}" for name in self.key_names)
+
+    async def count(self, after: list[Any] | None = None) -> int:
+        args: list[Any] = []
+        where = self._where(after, None, args)
+        sql = f"SELECT count(*) FROM {self.spec.base_sql()} AS s{where}"
+        return int(self._conn().execute(sql, args).fetchone()[0])
+
+    async def key_at(self, after: list[Any] | None, offset: int) -> list[Any] | None:
+        args: list[Any] = []
+        where = self._where(after, None, args)
+        keys = ", ".join(f"s.{quote_ident(name)}" for name in self.key_names)
+        sql = (f"SELECT {keys} FROM {self.spec.base_sql()} AS s{where} ORDER BY {self._order()} "
+               f"LIMIT 1 OFFSET ?")
+        row = self._conn().execute(sql, [*args, offset]).fetchone()
+        return None if row is None else self._checked_key(list(row))
+
+    async def page(self, after: list[Any] | None, limit: int,
+                   until: list[Any] | None = None) -> Page:
+        args: list[Any] = []
+        where = self._where(after, until, args)
+        sql = (f"SELECT s.* FROM {self.spec.base_sql()} AS s{where} ORDER BY {self._order()} "
                f"LIMIT ?")
-        rows = self._conn().execute(sql, [*(after or []), limit]).fetchall()
+        rows = self._conn().execute(sql, [*args, limit]).fetchall()
         if not rows:
             return Page([], after or [])
         last = rows[-1]
-        key = [last[i] for i in self.key_positions]
+        return Page(rows, self._checked_key([last[i] for i in self.key_positions]))
+
+    def _checked_key(self, key: list[Any]) -> list[Any]:
         if any(isinstance(value, bytes | bytearray) for value in key):
             raise SourceError(f"source {self.spec.name}: BLOB key columns cannot be used for "
                               "keyset paging; pick a text or integer key")
-        return Page(rows, key)
+        return key
