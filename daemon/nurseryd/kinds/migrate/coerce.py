@@ -30,6 +30,7 @@ import datetime as dt
 import math
 import operator
 import re
+import struct
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -267,26 +268,47 @@ def int_converter(int_name: str = "bigint") -> Converter:
     return convert
 
 
-def float_converter() -> Converter:
+def fits_real(value: float) -> bool:
+    """Whether PostgreSQL stores ``value`` in a ``real`` column: float4 rounding must
+    neither overflow nor flush a non-zero value to zero (both make PostgreSQL refuse
+    the text, and with it the whole COPY)."""
+    try:
+        single = _FLOAT4.unpack(_FLOAT4.pack(value))[0]
+    except OverflowError:
+        return False
+    return (single != 0.0 or value == 0.0) and single - single == 0.0  # not flushed, not inf
+
+
+_FLOAT4 = struct.Struct("f")
+
+
+def float_converter(*, real: bool = False) -> Converter:
+    def checked(text: str, number: float) -> str:
+        if real and not fits_real(number):
+            raise CoerceError(f"out of range for real: {_describe(number)}")
+        return text
+
     def convert(value: Any) -> str | None:
         kind = type(value)
         if kind is float:
             if not math.isfinite(value):
                 raise CoerceError(f"not a finite number: {value!r}")
-            return repr(value)
+            return checked(repr(value), value)
         if kind is int:
-            return str(value)
+            return checked(str(value), float(value)) if real else str(value)
         if value is None:
             return None
         if kind is str:
             text = value.strip()
             if not text:
                 return None
-            return str(float(_parse_number_text(text)))
+            number = float(_parse_number_text(text))
+            return checked(str(number), number)
         if isinstance(value, bool):
             raise CoerceError(f"expected a number, got boolean {value}")
         if isinstance(value, int | float | Decimal):
-            return str(float(value))
+            number = float(value)
+            return checked(str(number), number)
         raise CoerceError(f"expected a number, got {type(value).__name__} {_describe(value)}")
 
     return convert
@@ -436,7 +458,7 @@ def make_converter(column_type: ColumnType, *, date1904: bool = False) -> Conver
     if kind == "int":
         return int_converter(column_type.int_name or "bigint")
     if kind == "float":
-        return float_converter()
+        return float_converter(real=column_type.sql == "real")
     if kind == "numeric":
         return numeric_converter(column_type.precision, column_type.scale)
     if kind == "bool":
@@ -615,9 +637,11 @@ def convert_column(column_type: ColumnType, convert: Converter, values: Sequence
         return [str(int(v)) if type(v) is float and v.is_integer() and low <= v <= high
                 else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
     if kind == "float":
-        if types == {float} and all(map(math.isfinite, values)):
+        real = column_type.sql == "real"
+        if types == {float} and all(map(math.isfinite, values)) \
+                and (not real or all(map(fits_real, values))):
             return list(map(repr, values))
-        return [repr(v) if type(v) is float and v - v == 0
+        return [repr(v) if type(v) is float and v - v == 0 and (not real or fits_real(v))
                 else NULL if v == "" or v is None
                 else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
     if kind in ("bool", "timestamp", "timestamptz"):
