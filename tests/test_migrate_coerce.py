@@ -223,3 +223,21 @@ def test_columns_with_nulls_and_sqlite_booleans_stay_exact_on_the_fast_path() ->
     assert not errors
     convert_column(flag, make_converter(flag), [1, 2, 0], errors)
     assert list(errors) == [1]
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38, 1e-50, "1e39", "-1e-46", 10**39])
+def test_real_columns_reject_what_postgresql_cannot_store_as_real(value) -> None:
+    """A value outside float4's range passed as text to a real column makes PostgreSQL
+    fail the whole COPY (found by the equivalence test: "1e+39" is out of range for type
+    real): it must be this row's reject, on the scalar and on the column path."""
+    with pytest.raises(CoerceError, match="out of range for real"):
+        conv("real")(value)
+    assert conv("double precision")(value) is not None
+    header = ["id", "r"]
+    columns = [ColumnSpec("id", "bigint", False, key=True), ColumnSpec("r", "real")]
+    for rows in ([[1.0, value]], [[1.0, value], [2.0, 1.5]], [[2.0, 1.5], [1.0, value]]):
+        batch = RowCoercer(match_header(header, columns)).coerce_rows(
+            [(i + 2, row) for i, row in enumerate(rows)])
+        assert [r.row_number for r in batch.rejects] == [2 + rows.index([1.0, value])]
+        assert "out of range for real" in batch.rejects[0].reason
+    assert conv("real")(3.4e38) == repr(3.4e38) and conv("real")(1.5e-45) == repr(1.5e-45)

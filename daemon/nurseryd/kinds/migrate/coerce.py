@@ -30,6 +30,7 @@ import datetime as dt
 import math
 import operator
 import re
+import struct
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -267,26 +268,47 @@ def int_converter(int_name: str = "bigint") -> Converter:
     return convert
 
 
-def float_converter() -> Converter:
+def fits_real(value: float) -> bool:
+    """Whether PostgreSQL stores ``value`` in a ``real`` column: float4 rounding must
+    neither overflow nor flush a non-zero value to zero (both make PostgreSQL refuse
+    the text, and with it the whole COPY)."""
+    try:
+        single = _FLOAT4.unpack(_FLOAT4.pack(value))[0]
+    except OverflowError:
+        return False
+    return (single != 0.0 or value == 0.0) and single - single == 0.0  # not flushed, not inf
+
+
+_FLOAT4 = struct.Struct("f")
+
+
+def float_converter(*, real: bool = False) -> Converter:
+    def checked(text: str, number: float) -> str:
+        if real and not fits_real(number):
+            raise CoerceError(f"out of range for real: {_describe(number)}")
+        return text
+
     def convert(value: Any) -> str | None:
         kind = type(value)
         if kind is float:
             if not math.isfinite(value):
                 raise CoerceError(f"not a finite number: {value!r}")
-            return repr(value)
+            return checked(repr(value), value)
         if kind is int:
-            return str(value)
+            return checked(str(value), float(value)) if real else str(value)
         if value is None:
             return None
         if kind is str:
             text = value.strip()
             if not text:
                 return None
-            return str(float(_parse_number_text(text)))
+            number = float(_parse_number_text(text))
+            return checked(str(number), number)
         if isinstance(value, bool):
             raise CoerceError(f"expected a number, got boolean {value}")
         if isinstance(value, int | float | Decimal):
-            return str(float(value))
+            number = float(value)
+            return checked(str(number), number)
         raise CoerceError(f"expected a number, got {type(value).__name__} {_describe(value)}")
 
     return convert
@@ -430,24 +452,8 @@ def date_converter(*, date1904: bool = False) -> Converter:
 
 
 def make_converter(column_type: ColumnType, *, date1904: bool = False) -> Converter:
-    kind = column_type.kind
-    if kind == "text":
-        return text_converter(column_type.max_length)
-    if kind == "int":
-        return int_converter(column_type.int_name or "bigint")
-    if kind == "float":
-        return float_converter()
-    if kind == "numeric":
-        return numeric_converter(column_type.precision, column_type.scale)
-    if kind == "bool":
-        return bool_converter()
-    if kind == "date":
-        return date_converter(date1904=date1904)
-    if kind == "timestamp":
-        return timestamp_converter(with_tz=False, date1904=date1904)
-    if kind == "timestamptz":
-        return timestamp_converter(with_tz=True, date1904=date1904)
-    raise ValueError(f"no converter for column kind {kind!r}")
+    """The scalar rule of the column's kind (see :data:`KINDS`)."""
+    return kind_rule(column_type.kind).scalar(column_type, date1904)
 
 
 # ----------------------------------------------------------------------- header match
@@ -599,39 +605,60 @@ def convert_column(column_type: ColumnType, convert: Converter, values: Sequence
     actually produces (all floats, all str, all datetimes...), the conversion
     runs in C (``map``, ``str.join``, ``str.replace``); otherwise one
     comprehension handles the common type inline and sends the rest to the
-    scalar converter, which also produces the reject reasons.
+    scalar converter, which also produces the reject reasons. Which column rule
+    a kind has is in :data:`KINDS`.
     """
-    kind = column_type.kind
-    if kind == "text":
-        return _text_column(column_type, convert, values, errors)
+    return kind_rule(column_type.kind).column(column_type, convert, values, errors)
+
+
+def _int_column(column_type: ColumnType, convert: Converter, values: Sequence[Any],
+                errors: dict[int, str]) -> list[str]:
     types = set(map(type, values))
-    if kind == "int":
-        low, high = INT_RANGES[column_type.int_name or "bigint"]
-        if types == {float} and all(map(float.is_integer, values)) \
-                and low <= min(values) and max(values) <= high:
-            return list(map(str, map(int, values)))
-        if types == {int} and low <= min(values) and max(values) <= high:
-            return list(map(str, values))
-        return [str(int(v)) if type(v) is float and v.is_integer() and low <= v <= high
-                else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
-    if kind == "float":
-        if types == {float} and all(map(math.isfinite, values)):
-            return list(map(repr, values))
-        return [repr(v) if type(v) is float and v - v == 0
-                else NULL if v == "" or v is None
-                else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
-    if kind in ("bool", "timestamp", "timestamptz"):
-        fast = _fast_with_nulls(kind, types, values)
-        if fast is not None:
-            return fast
-    if kind == "bool":
-        return ["t" if v is True else "f" if v is False else NULL if v == "" or v is None
-                else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
-    if kind in ("timestamp", "timestamptz"):
-        datetime_type = dt.datetime
-        return [v.isoformat() if type(v) is datetime_type and v.tzinfo is None
-                else NULL if v == "" or v is None
-                else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
+    low, high = INT_RANGES[column_type.int_name or "bigint"]
+    if types == {float} and all(map(float.is_integer, values)) \
+            and low <= min(values) and max(values) <= high:
+        return list(map(str, map(int, values)))
+    if types == {int} and low <= min(values) and max(values) <= high:
+        return list(map(str, values))
+    return [str(int(v)) if type(v) is float and v.is_integer() and low <= v <= high
+            else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
+
+
+def _float_column(column_type: ColumnType, convert: Converter, values: Sequence[Any],
+                  errors: dict[int, str]) -> list[str]:
+    types = set(map(type, values))
+    real = column_type.sql == "real"
+    if types == {float} and all(map(math.isfinite, values)) \
+            and (not real or all(map(fits_real, values))):
+        return list(map(repr, values))
+    return [repr(v) if type(v) is float and v - v == 0 and (not real or fits_real(v))
+            else NULL if v == "" or v is None
+            else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
+
+
+def _bool_column(column_type: ColumnType, convert: Converter, values: Sequence[Any],
+                 errors: dict[int, str]) -> list[str]:
+    fast = _fast_with_nulls("bool", set(map(type, values)), values)
+    if fast is not None:
+        return fast
+    return ["t" if v is True else "f" if v is False else NULL if v == "" or v is None
+            else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
+
+
+def _timestamp_column(column_type: ColumnType, convert: Converter, values: Sequence[Any],
+                      errors: dict[int, str]) -> list[str]:
+    fast = _fast_with_nulls(column_type.kind, set(map(type, values)), values)
+    if fast is not None:
+        return fast
+    datetime_type = dt.datetime
+    return [v.isoformat() if type(v) is datetime_type and v.tzinfo is None
+            else NULL if v == "" or v is None
+            else _convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
+
+
+def _per_value_column(column_type: ColumnType, convert: Converter, values: Sequence[Any],
+                      errors: dict[int, str]) -> list[str]:
+    """numeric and date: no reader hands them over in one cheap shape."""
     return [_convert_slow(convert, v, i, errors) for i, v in enumerate(values)]
 
 
@@ -722,6 +749,47 @@ def _plain_text(value: Any, index: int, errors: dict[int, str]) -> str:
         errors[index] = str(error)
         return ""
     return "" if result is None else result
+
+
+ColumnRule = Callable[[ColumnType, Converter, Sequence[Any], dict[int, str]], list[str]]
+
+
+@dataclass(frozen=True)
+class KindRule:
+    """A column kind's two rules, side by side.
+
+    ``scalar`` builds the per-value converter: the precise rule, and the only
+    place a reject reason is written. ``column`` converts a batch's whole column,
+    in C where the column has the one shape a reader produces, and hands every
+    other value to the scalar converter, so both paths give the same field text
+    and the same rejects (``tests/test_migrate_coerce.py`` and
+    ``tests/test_migrate_equivalence.py`` check that).
+    """
+
+    scalar: Callable[[ColumnType, bool], Converter]  # (column type, date1904)
+    column: ColumnRule
+
+
+#: The one table of column kinds (``ColumnType.kind``): adding a type is a row here.
+KINDS: dict[str, KindRule] = {
+    "text": KindRule(lambda t, _: text_converter(t.max_length), _text_column),
+    "int": KindRule(lambda t, _: int_converter(t.int_name or "bigint"), _int_column),
+    "float": KindRule(lambda t, _: float_converter(real=t.sql == "real"), _float_column),
+    "numeric": KindRule(lambda t, _: numeric_converter(t.precision, t.scale), _per_value_column),
+    "bool": KindRule(lambda t, _: bool_converter(), _bool_column),
+    "date": KindRule(lambda t, d1904: date_converter(date1904=d1904), _per_value_column),
+    "timestamp": KindRule(lambda t, d1904: timestamp_converter(with_tz=False, date1904=d1904),
+                          _timestamp_column),
+    "timestamptz": KindRule(lambda t, d1904: timestamp_converter(with_tz=True, date1904=d1904),
+                            _timestamp_column),
+}
+
+
+def kind_rule(kind: str) -> KindRule:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"no converter for column kind {kind!r}") from None
 
 
 class RowCoercer:
