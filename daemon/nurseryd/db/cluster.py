@@ -28,6 +28,7 @@ import trio_asyncio
 from ..store.base import ClusterSignals
 from .database import Database
 from .jobs import CANCEL_CHANNEL, CANCEL_DONE_CHANNEL, CLAIMABLE_CHANNEL, SLOT_FREED_CHANNEL
+from .listening import open_listener
 from .transient import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ async def listen_for_cluster(
     db: Database, signals: ClusterSignals
 ) -> AsyncIterator[Callable[[], Awaitable[bool]]]:
     """LISTEN on the cluster channels until the block ends; yields ``alive()``."""
-    token = trio.lowlevel.current_trio_token()
 
     def _int(text: str) -> int | None:
         try:
@@ -67,43 +67,9 @@ async def listen_for_cluster(
             elif channel == CANCEL_DONE_CHANNEL:
                 signals.cancel_done(job_id)
 
-    def _callback(_conn: Any, _pid: int, channel: str, payload: object) -> None:
-        # Asyncio side: hand over to Trio without touching its state from here.
-        token.run_sync_soon(_deliver, channel, str(payload))
-
     channels = (CLAIMABLE_CHANNEL, SLOT_FREED_CHANNEL, CANCEL_CHANNEL, CANCEL_DONE_CHANNEL)
-
-    async def _open() -> asyncpg.Connection:
-        conn = await asyncpg.connect(db.dsn, timeout=5)
-        try:
-            for channel in channels:
-                await conn.add_listener(channel, _callback)
-        except BaseException:
-            conn.terminate()
-            raise
-        return conn
-
-    conn = await trio_asyncio.aio_as_trio(_open, loop=db.loop)()
-
-    async def alive() -> bool:
-        if conn.is_closed():
-            return False
-        with trio.move_on_after(5):
-            try:
-                return await trio_asyncio.aio_as_trio(conn.fetchval, loop=db.loop)(
-                    "SELECT 1") == 1
-            except CONNECTION_ERRORS:
-                return False
-        return False
-
-    try:
+    async with open_listener(db, channels, _deliver) as alive:
         yield alive
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await trio_asyncio.aio_as_trio(conn.close, loop=db.loop)()
-            except CONNECTION_ERRORS:
-                conn.terminate()
 
 
 #: "nurseryd start-up" as a 64-bit advisory lock key (beside migrate.MIGRATION_LOCK_KEY).

@@ -13,11 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import trio
-import trio_asyncio
 
 from .database import Database
-from .transient import CONNECTION_ERRORS
+from .listening import open_listener
 
 #: The channel the trigger notifies (payload: the new event's id).
 CHANNEL = "nurseryd_job_events"
@@ -59,42 +57,8 @@ async def listen(db: Database, on_notify: Callable[[], None]) -> AsyncIterator[C
     reset on release and would stop listening); ``on_notify`` is called in Trio
     for every notification. Yields an async ``alive()`` check; the connection is
     closed on exit, also when cancelled."""
-    token = trio.lowlevel.current_trio_token()
-
-    def _callback(*_: object) -> None:
-        # Asyncio side: hand over to Trio without touching its state from here.
-        token.run_sync_soon(on_notify)
-
-    async def _open() -> asyncpg.Connection:
-        conn = await asyncpg.connect(db.dsn, timeout=5)
-        try:
-            await conn.add_listener(CHANNEL, _callback)
-        except BaseException:
-            conn.terminate()
-            raise
-        return conn
-
-    conn = await trio_asyncio.aio_as_trio(_open, loop=db.loop)()
-
-    async def alive() -> bool:
-        if conn.is_closed():
-            return False
-        with trio.move_on_after(5):
-            try:
-                return await trio_asyncio.aio_as_trio(conn.fetchval, loop=db.loop)(
-                    "SELECT 1") == 1
-            except CONNECTION_ERRORS:
-                return False
-        return False
-
-    try:
+    async with open_listener(db, (CHANNEL,), lambda _channel, _payload: on_notify()) as alive:
         yield alive
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await trio_asyncio.aio_as_trio(conn.close, loop=db.loop)()
-            except CONNECTION_ERRORS:
-                conn.terminate()
 
 
 async def job_history(db: Database, job_id: int, limit: int) -> list[asyncpg.Record]:
