@@ -4,7 +4,9 @@ real PostgreSQL, real workbook files."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
+import time
 from pathlib import Path
 
 import httpx
@@ -252,23 +254,29 @@ async def test_a_cancelled_import_retries_from_its_checkpoint_with_its_kept_uplo
     assert lines[-2]["message"].startswith("attempt 2: 1 row(s) rejected")
 
 
+def _age(path: Path, seconds: float = 3600) -> None:
+    """Make ``path`` look ``seconds`` old, past the sweep's grace for young files."""
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+
+
 async def test_uploads_of_ended_imports_go_once_their_keep_window_passed(
         daemon: InProcessDaemon, tmp_path: Path) -> None:
-    from nurseryd.kinds.migrate.uploads_dir import sweep_uploads
+    from nurseryd.kinds.migrate.uploads_dir import sweep_uploads, upload_path
 
     job = (await upload(daemon, xf.sparse_dimension(tmp_path / "sparse.xlsx"))).json()
     await finished(daemon, job["id"])
     state_dir = daemon.services.settings.state_dir
     db = daemon.services.db
-    assert await sweep_uploads(db, state_dir, at_start=True, keep_ended_s=3600) == []
-    assert await sweep_uploads(db, state_dir, at_start=True, keep_ended_s=0) == [
-        job["params"]["upload"]]
+    _age(upload_path(state_dir, job["params"]["upload"]))
+    assert await sweep_uploads(db, state_dir, keep_ended_s=3600) == []
+    assert await sweep_uploads(db, state_dir, keep_ended_s=0) == [job["params"]["upload"]]
     refused = await daemon.client.post(f"/jobs/{job['id']}/retry")
     assert refused.status_code == 409
     assert "keep_ended_uploads" in refused.json()["detail"]
 
 
-async def test_orphan_uploads_are_removed_at_start_but_not_those_of_queued_jobs(
+async def test_orphan_uploads_are_removed_but_not_young_ones_nor_those_of_queued_jobs(
         database_url: str, state_dir: Path, aio_loop: object) -> None:
     from nurseryd.db import open_database
     from nurseryd.db.migrate import apply_migrations
@@ -285,16 +293,22 @@ async def test_orphan_uploads_are_removed_at_start_but_not_those_of_queued_jobs(
             " ('migration', 'queued', $1, 60), ('migration', 'completed', $2, 60)",
             {"source_type": "excel", "upload": "queued-job.xlsx", "target": "nope"},
             {"source_type": "excel", "upload": "finished-job.xlsx", "target": "chats"})
-        # While running, young files are left alone (an upload may be between its
-        # rename and its job's insert); at start nothing is in flight.
-        assert await sweep_uploads(db, state_dir, at_start=False) == []
-        removed = await sweep_uploads(db, state_dir, at_start=True)
+        # Young files are left alone, at start too: an upload may be between its
+        # rename and its job's insert, or still arriving at a daemon that shares
+        # this state directory.
+        assert await sweep_uploads(db, state_dir) == []
+        for path in directory.iterdir():
+            _age(path)
+        removed = await sweep_uploads(db, state_dir)
     assert sorted(removed) == ["crashed-request.part", "finished-job.xlsx"]
     assert (directory / "queued-job.xlsx").exists()
 
     (directory / "another-orphan.part").write_bytes(b"PK")
+    _age(directory / "another-orphan.part")
+    (directory / "a-peer-is-receiving.part").write_bytes(b"PK")
     async with run_daemon(make_settings(database_url, state_dir)):
         assert not (directory / "another-orphan.part").exists()  # the start-up sweep
+        assert (directory / "a-peer-is-receiving.part").exists()
 
 
 async def test_client_gone_mid_upload_leaves_no_file(daemon: InProcessDaemon) -> None:

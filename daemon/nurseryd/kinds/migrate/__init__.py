@@ -76,7 +76,7 @@ async def prepare_targets(services: Services) -> None:
     except WorkbookRejected as error:
         log.error("Excel migrations will fail: %s", error)
     keep_s = migration_settings(services.settings).keep_ended_uploads_s
-    await sweep_uploads(services.db, services.settings.state_dir, at_start=True,
+    await sweep_uploads(services.db, services.settings.state_dir,
                         keep_ended_s=keep_s)
 
 
@@ -92,7 +92,7 @@ async def sweep_uploads_periodically(services: Services) -> None:
     while True:
         await trio.sleep(300)
         try:
-            await sweep_uploads(services.db, services.settings.state_dir, at_start=False,
+            await sweep_uploads(services.db, services.settings.state_dir,
                                 keep_ended_s=keep_s)
         except Exception:  # a sweep is housekeeping: log and try again later
             log.exception("upload sweep failed")

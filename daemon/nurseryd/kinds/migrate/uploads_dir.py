@@ -4,8 +4,9 @@ An upload is kept while its job may still read it: until the job completes,
 or for ``[migration] keep_ended_uploads`` after it ended failed, cancelled or
 timed out (a restarted daemon, or an operator's retry, resumes from it).
 Files named ``*.part`` are uploads still being received; ``*.xlsx`` belong to a
-job (its ``params.upload``). At start nothing can be receiving, so every
-``.part`` file and every ``.xlsx`` no job may still read is an orphan.
+job (its ``params.upload``). A file no job may still read is an orphan once it
+is older than GRACE_S, at start too: daemons sharing a state directory may be
+receiving an upload while another one starts.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from ...db import jobs as jobsdb
 log = logging.getLogger(__name__)
 
 UPLOADS = "uploads"
-#: An upload becomes a job within milliseconds of being renamed; a sweep while
-#: the daemon runs leaves younger files alone.
+#: An upload becomes a job within milliseconds of being renamed, and a ``.part``
+#: file that arrives slower than 16 KiB/s is refused (408): a sweep leaves younger
+#: files alone, whichever daemon received them.
 GRACE_S = 600.0
 
 
@@ -45,7 +47,7 @@ def upload_path(state_dir: Path, name: str) -> Path:
     return uploads_dir(state_dir) / name
 
 
-async def sweep_uploads(db: Database, state_dir: Path, *, at_start: bool,
+async def sweep_uploads(db: Database, state_dir: Path, *,
                         keep_ended_s: float = 0.0) -> list[str]:
     """Delete uploads no job may still read; returns the names removed."""
     directory = uploads_dir(state_dir)
@@ -57,7 +59,7 @@ async def sweep_uploads(db: Database, state_dir: Path, *, at_start: bool,
     for path in directory.iterdir():
         if path.name in needed or not path.is_file():
             continue
-        if not at_start and now - path.stat().st_mtime < GRACE_S:
+        if now - path.stat().st_mtime < GRACE_S:
             continue
         try:
             path.unlink()
