@@ -578,3 +578,25 @@ async def test_a_clean_stop_hands_its_queued_jobs_to_the_peers(autojump_clock: A
         await until_status(store, first["id"], "completed")
         await until_status(store, second["id"], "completed")
     assert {store.rows[job["id"]]["owner"] for job in (first, second)} == {B}
+
+
+async def test_a_job_that_becomes_claimable_during_a_short_claim_is_not_forgotten(
+    autojump_clock: Any,
+) -> None:
+    async with cluster(shared_queue=True, concurrency=2) as (a, b, store):
+        for name in "12":
+            await a.submit("gate", {"name": name})
+            await STARTED.setdefault(name, trio.Event()).wait()
+        answer = store.gates["claim:answer"] = trio.Event()
+        third = await a.submit("gate", {"name": "3"})  # into the table: B claims it...
+        await trio.sleep(0.1)  # (virtual time) ...and B's answer is held on its way back
+        assert store.rows[third["id"]]["owner"] == B
+        fourth = await a.submit("gate", {"name": "4"})  # claimable while B's claim is out
+        del store.gates["claim:answer"]
+        answer.set()  # B's claim comes back with one job where it wanted two
+        released = trio.current_time()
+        await STARTED.setdefault("4", trio.Event()).wait()
+        assert trio.current_time() - released < b.claimer.poll_s  # woken, not polled
+        assert store.rows[fourth["id"]]["owner"] == B
+        for name in "1234":
+            GATES.setdefault(name, trio.Event()).set()

@@ -245,6 +245,9 @@ class MemoryJobStore:
                     row["owner"] = owner
                     claimed.append(self._copy(row))
                     room -= 1
+        answer = self.gates.get("claim:answer")  # the claim's answer still on its way
+        if answer is not None:
+            await answer.wait()
         return claimed
 
     async def count_claimable(self, up_to: int) -> int:

@@ -75,6 +75,9 @@ class Claimer:
         self.poll_s = poll_s
         #: Kinds the table may have claimable jobs of (all of them at start).
         self._maybe: set[str] = set(self._names)
+        #: Kinds said to have claimable jobs since the current claim began: a claim
+        #: that came back short forgets a kind only if nothing renewed it meanwhile.
+        self._renewed: set[str] = set()
         #: Limited kinds whose last claim stopped at the cluster-wide limit.
         self._blocked: set[str] = set()
         self._wake = trio.Event()
@@ -89,11 +92,13 @@ class Claimer:
         """A job of ``kind`` became claimable (a notification, or our own submission)."""
         if kind in self._names:
             self._maybe.add(kind)
+            self._renewed.add(kind)
             self._wake.set()
 
     def look_again(self) -> None:
         """Look at every kind (after a release, or once notifications are back)."""
         self._maybe |= self._names
+        self._renewed |= self._names
         self._wake.set()
 
     def freed(self, kind: str) -> None:
@@ -133,6 +138,7 @@ class Claimer:
 
     async def claim_round(self) -> int:
         """One claim for every kind that may have work and has free slots here."""
+        self._renewed.clear()
         wants = self._wants()
         if not wants:
             return 0
@@ -164,8 +170,8 @@ class Claimer:
                 self._wake.set()  # a full page: there may be more, and slots for it
             elif name in self._limits:
                 self._blocked.add(name)  # the limit, or nothing left: a freed slot tells
-            else:
-                self._maybe.discard(name)
+            elif name not in self._renewed:  # a job that became claimable during the
+                self._maybe.discard(name)    # claim may not be in its snapshot
         if rows:
             log.debug("claimed %d job(s): %s", len(rows), dict(got))
         return len(rows)
