@@ -27,6 +27,7 @@ import trio_asyncio
 
 from ..store.base import ClusterSignals
 from .database import Database
+from .dedicated import close_dedicated
 from .jobs import CANCEL_CHANNEL, CANCEL_DONE_CHANNEL, CLAIMABLE_CHANNEL, SLOT_FREED_CHANNEL
 from .listening import open_listener
 from .transient import CONNECTION_ERRORS
@@ -95,11 +96,7 @@ async def one_start_at_a_time(db: Database) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await trio_asyncio.aio_as_trio(conn.close, loop=db.loop)()
-            except CONNECTION_ERRORS:
-                conn.terminate()
+        await close_dedicated(db, conn)
 
 
 def leader_lock_sql(param: str) -> str:

@@ -16,6 +16,7 @@ import trio
 import trio_asyncio
 
 from .database import Database
+from .dedicated import close_dedicated
 from .transient import CONNECTION_ERRORS
 
 
@@ -58,8 +59,4 @@ async def open_listener(
     try:
         yield alive
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
-            try:
-                await trio_asyncio.aio_as_trio(conn.close, loop=db.loop)()
-            except CONNECTION_ERRORS:
-                conn.terminate()
+        await close_dedicated(db, conn)

@@ -35,6 +35,7 @@ import trio_asyncio
 
 from ..backoff import RetryPolicy
 from .database import Database
+from .dedicated import close_dedicated
 from .jobs import owner_lock_sql
 from .transient import CONNECTION_ERRORS
 
@@ -101,12 +102,8 @@ class OwnerLock:
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         self.held = False
-        if conn is not None and not conn.is_closed():
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                try:
-                    await self._aio(conn.close)
-                except CONNECTION_ERRORS:
-                    conn.terminate()
+        if conn is not None:
+            await close_dedicated(self.db, conn)
 
     async def watch(self, on_lost: Callable[[], None], on_regained: Callable[[], None]) -> None:
         """Run until cancelled: notice a lost lock, tell, take it again, tell."""

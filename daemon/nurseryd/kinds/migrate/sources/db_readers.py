@@ -116,6 +116,27 @@ class Reader:
     def classify(self, error: BaseException) -> ErrorClass:
         raise NotImplementedError
 
+    def _marks(self, first: int) -> str:
+        """The placeholders of one key's values, numbered from ``first`` where the
+        driver numbers them."""
+        raise NotImplementedError
+
+    def _where(self, after: list[Any] | None, until: list[Any] | None,
+               args: list[Any]) -> str:
+        """``WHERE`` of a key range ``after < key <= until`` (None: unbounded on that
+        side); appends its parameters to ``args``."""
+        keys = f"({', '.join(f's.{quote_ident(name)}' for name in self.key_names)})"
+        terms = []
+        for operator, bound in ((">", after), ("<=", until)):
+            if bound is not None:
+                marks = self._marks(len(args) + 1)
+                args.extend(bound)
+                terms.append(f"{keys} {operator} {marks}")
+        return f" WHERE {' AND '.join(terms)}" if terms else ""
+
+    def _order(self) -> str:
+        return ", ".join(f"s.{quote_ident(name)}" for name in self.key_names)
+
     async def connect(self) -> None:
         raise NotImplementedError
 
@@ -184,22 +205,10 @@ class PostgresReader(Reader):
         self.key_types = [types[name] for name in self.key_names]
         return names
 
-    def _where(self, after: list[Any] | None, until: list[Any] | None,
-               args: list[Any]) -> str:
-        """``WHERE`` of a key range; appends its parameters (key texts) to ``args``."""
-        keys = f"({', '.join(f's.{quote_ident(name)}' for name in self.key_names)})"
-        terms = []
-        for operator, bound in ((">", after), ("<=", until)):
-            if bound is None:
-                continue
-            casts = ", ".join(f"${len(args) + i}::text::{kind}"
-                              for i, kind in enumerate(self.key_types, 1))
-            args.extend(bound)
-            terms.append(f"{keys} {operator} ({casts})")
-        return f" WHERE {' AND '.join(terms)}" if terms else ""
-
-    def _order(self) -> str:
-        return ", ".join(f"s.{quote_ident(name)}" for name in self.key_names)
+    def _marks(self, first: int) -> str:
+        """Parameters ``$first…`` for one key, each cast from its text to the key's type."""
+        return "(" + ", ".join(f"${first + i}::text::{kind}"
+                               for i, kind in enumerate(self.key_types)) + ")"
 
     async def count(self, after: list[Any] | None = None) -> int:
         args: list[Any] = []
@@ -274,19 +283,8 @@ class SqliteReader(Reader):
         self.key_positions = [names.index(name) for name in self.key_names]
         return names
 
-    def _where(self, after: list[Any] | None, until: list[Any] | None,
-               args: list[Any]) -> str:
-        keys = f"({', '.join(f's.{quote_ident(name)}' for name in self.key_names)})"
-        marks = f"({', '.join('?' * len(self.key_names))})"
-        terms = []
-        for operator, bound in ((">", after), ("<=", until)):
-            if bound is not None:
-                args.extend(bound)
-                terms.append(f"{keys} {operator} {marks}")
-        return f" WHERE {' AND '.join(terms)}" if terms else ""
-
-    def _order(self) -> str:
-        return ", ".join(f"s.{quote_ident(name)}" for name in self.key_names)
+    def _marks(self, first: int) -> str:
+        return "(" + ", ".join("?" * len(self.key_names)) + ")"
 
     async def count(self, after: list[Any] | None = None) -> int:
         args: list[Any] = []
