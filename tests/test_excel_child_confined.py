@@ -44,7 +44,7 @@ def test_the_child_environment_holds_no_secrets(monkeypatch: pytest.MonkeyPatch)
     env = child_env()
     assert not {"NURSERYD_API_TOKEN", "LEGACY_DATABASE_URL", "GOOGLE_API_KEY"} & set(env)
     assert set(env) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH",
-                        "OPENPYXL_DEFUSEDXML"}
+                        "OPENPYXL_DEFUSEDXML", "ARROW_DEFAULT_MEMORY_POOL"}
 
 
 def test_a_confined_child_cannot_write_files_dump_core_or_reach_the_network(

@@ -61,7 +61,7 @@ async def test_upload_imports_and_reports_exact_counts(daemon: InProcessDaemon,
     done = await finished(daemon, job["id"])
     assert (done["status"], done["total"], done["processed"], done["failed"]) == \
         ("completed", 300, 299, 1), done
-    assert done["source_type"] == "excel" and done["result"]["reader"] == "calamine-stream"
+    assert done["source_type"] == "excel" and done["result"]["reader"] == "arrow-stream"
     same = (await daemon.client.get(f"/jobs/{job['id']}")).json()
     assert same["status"] == "completed" and same["processed"] == 299
     db = daemon.services.db

@@ -47,7 +47,8 @@ async def chats_checksum(db: Database) -> list:
     return [tuple(r) for r in await db.fetch("SELECT * FROM chats ORDER BY chat_id")]
 
 
-@pytest.mark.parametrize("reader", ["calamine-stream", "calamine", "openpyxl"])
+@pytest.mark.parametrize("reader", ["arrow-stream", "calamine-stream", "calamine",
+                                    "openpyxl"])
 async def test_both_writers_and_both_readers_load_the_same_rows(db: Database, tmp_path: Path,
                                                                 reader: str) -> None:
     by_xlsxwriter = xf.write_xlsxwriter(tmp_path / "a.xlsx", ROWS)
@@ -103,7 +104,7 @@ async def test_1904_date_system(db: Database, tmp_path: Path, writer: str) -> No
               "is_vip"]
     write = xf.write_openpyxl if writer == "openpyxl" else xf.write_xlsxwriter
     path = write(tmp_path / "mac.xlsx", rows, header=header, date1904=True)
-    for reader in ("calamine-stream", "calamine", "openpyxl"):
+    for reader in ("arrow-stream", "calamine-stream", "calamine", "openpyxl"):
         ctx, result = await migrate(db, path, reader=reader)
         assert result["date1904"] is True
         assert await db.fetchval("SELECT created_at FROM chats") == \
@@ -165,7 +166,8 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
-@pytest.mark.parametrize("reader", ["calamine-stream", "calamine", "openpyxl"])
+@pytest.mark.parametrize("reader", ["arrow-stream", "calamine-stream", "calamine",
+                                    "openpyxl"])
 async def test_hostile_workbooks_fail_fast_with_a_reason(db: Database, tmp_path: Path,
                                                           name: str, reader: str) -> None:
     build, reason = HOSTILE[name]
@@ -238,7 +240,8 @@ def test_real_workbooks_pass_sniffing(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.parametrize("reader", ["calamine-stream", "calamine", "openpyxl"])
+@pytest.mark.parametrize("reader", ["arrow-stream", "calamine-stream", "calamine",
+                                    "openpyxl"])
 async def test_table_starting_below_and_right_of_a1(db: Database, tmp_path: Path,
                                                     reader: str) -> None:
     """Leading empty rows and columns: row numbers stay the sheet's, no row is lost."""
@@ -277,7 +280,7 @@ async def test_reader_follows_the_memory_budget(db: Database, tmp_path: Path) ->
     rows = [xf.chat_row(i) for i in range(1, 1001)]
     sliced = xf.write_xlsxwriter(tmp_path / "sliced.xlsx", rows)
     ctx, result = await migrate(db, sliced)
-    assert result["reader"] == "calamine-stream" and ctx.counters["processed"] == 1000
+    assert result["reader"] == "arrow-stream" and ctx.counters["processed"] == 1000
     path = xf.without_row_numbers(sliced, tmp_path / "budget.xlsx")
     fits = MigrationSettings(memory_budget_bytes=BASE_BYTES + 64 * 1024**2)
     tight = MigrationSettings(memory_budget_bytes=BASE_BYTES + 256 * 1024)

@@ -239,9 +239,9 @@ def parse_migration(raw: Any, whole: Mapping[str, Any]) -> MigrationSettings:
         raise ConfigError("migration.timezone", f"unknown time zone {timezone!r}; use an IANA "
                           "name like 'UTC' or 'Europe/Moscow'") from None
     reader = raw.get("reader", base.reader)
-    if reader not in ("auto", "calamine-stream", "calamine", "openpyxl"):
-        raise ConfigError("migration.reader",
-                          "expected 'auto', 'calamine-stream', 'calamine' or 'openpyxl'")
+    if reader not in ("auto", "arrow-stream", "calamine-stream", "calamine", "openpyxl"):
+        raise ConfigError("migration.reader", "expected 'auto', 'arrow-stream', "
+                          "'calamine-stream', 'calamine' or 'openpyxl'")
     ratio = raw.get("max_compression_ratio", base.caps.max_ratio)
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio < 2:
         raise ConfigError("migration.max_compression_ratio", "expected a number >= 2")

@@ -37,6 +37,7 @@ from ..coerce import (
     CoercedBatch,
     ColumnSpec,
     HeaderError,
+    HeaderMatch,
     RejectRecord,
     RowCoercer,
     match_header,
@@ -124,6 +125,11 @@ class Emitter:
             raise SourceError(f"{self.where}: {error}" if self.where else str(error)) from None
         self._coercer = RowCoercer(match, date1904=date1904)
         return Header(tuple(column.name for column in match.columns), match.ignored)
+
+    @property
+    def matched(self) -> HeaderMatch | None:
+        """The header match (None before :meth:`match`): fast paths build on it."""
+        return None if self._coercer is None else self._coercer.match
 
     def batch(self, numbered_rows: Sequence[tuple[int, Sequence[Any]]],
               position: Any) -> SourceBatch:

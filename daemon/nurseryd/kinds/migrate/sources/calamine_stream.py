@@ -18,6 +18,14 @@ workers parse the next slices while the main thread coerces the current one
 and writes it to the daemon. Loads are submitted ahead in order and at most
 :data:`AHEAD` slices are in flight, which bounds memory.
 
+The fast path: once the header is known, the child may hand
+:meth:`ChunkedRows.use_fast` a loader (:mod:`.arrow_slices`) that reads a slice
+into Arrow columns and coerces them in the same worker thread; the slice then
+arrives as ready COPY lines, with no Python object per cell. A slice the loader
+declines is parsed here as rows, so every slice takes exactly one of the two
+paths and the rows stay in sheet order. The worker threads also build each
+slice's small workbook (the re-zip), which used to run on the main thread.
+
 Resume: :meth:`ChunkedRows.skip_through` drops whole slices that end at or
 before the committed position without parsing them.
 """
@@ -28,12 +36,20 @@ import io
 import itertools
 import zipfile
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..xlsx_checks import WorkbookInfo
 from .sheet_chunks import Chunk, SheetSplitter, chunk_workbook, skeleton_parts
+
+if TYPE_CHECKING:  # pyarrow is only imported where the fast path runs
+    from typing import TypeAlias
+
+    from ..coerce_arrow import ArrowLines
+
+    #: What a worker hands back for a slice: calamine's (start, rows), or Arrow runs.
+    Loaded: TypeAlias = "tuple[tuple[int, int] | None, list[Row]] | list[ArrowLines]"
 
 #: Sheet XML per slice. 8 MiB is ~10k rows of the chats workbook, ~25 MiB of
 #: calamine cells; larger slices did not load faster (measured 8 vs 16 MiB).
@@ -56,8 +72,18 @@ def _load(workbook: bytes, sheet_name: str) -> tuple[tuple[int, int] | None, lis
         book.close()
 
 
+#: A fast loader: (slice, skip rows through) -> runs of COPY lines, or None for the row path.
+FastLoader = Callable[[Chunk, int], "list[ArrowLines] | None"]
+
+
 class ChunkedRows:
-    """An iterator of ``(row number, values)`` over a sheet, one slice at a time."""
+    """An iterator of ``(row number, values)`` over a sheet, one slice at a time.
+
+    :meth:`segments` is the same stream as runs of rows (one per slice) and, once
+    :meth:`use_fast` gave a loader, :class:`~..coerce_arrow.ArrowLines` for the
+    slices that loader could take. Iterating the object itself flattens the row
+    runs (the header search and the whole-sheet interface).
+    """
 
     def __init__(self, path: str, info: WorkbookInfo, *, chunk_bytes: int = CHUNK_BYTES,
                  workers: int = WORKERS) -> None:
@@ -73,13 +99,30 @@ class ChunkedRows:
             self.archive.close()
             raise
         self.skeleton = skeleton_parts(self.archive, info.sheet_part)
+        self.closing = self.splitter.closing()
         self.workers = workers
+        self.slices = {"arrow": 0, "rows": 0}
         self._skip = 0
-        self._rows = self._iterate()
+        self._fast: FastLoader | None = None
+        self._decided = False
+        self._segments = self._iterate()
+        self._rows = itertools.chain.from_iterable(self._row_runs())
 
     def skip_through(self, row: int) -> None:
         """Slices that end at or before ``row`` need not be parsed (resume)."""
         self._skip = row
+
+    def use_fast(self, loader: FastLoader | None) -> None:
+        """From the next slice on, try ``loader`` first (None: rows only).
+
+        Until this is called one slice at a time is parsed, so no slice after the
+        header's is started before the header is known.
+        """
+        self._fast = loader
+        self._decided = True
+
+    def segments(self) -> Iterator[Iterator[tuple[int, Row]] | ArrowLines]:
+        return self._segments
 
     def __iter__(self) -> ChunkedRows:
         return self
@@ -88,8 +131,14 @@ class ChunkedRows:
         return next(self._rows)
 
     def close(self) -> None:
-        self._rows.close()
+        self._segments.close()
         self.archive.close()
+
+    def _row_runs(self) -> Iterator[Iterator[tuple[int, Row]]]:
+        for segment in self._segments:
+            if not isinstance(segment, zip):
+                raise RuntimeError("Arrow lines while iterating rows: use segments()")
+            yield segment
 
     def _all_chunks(self) -> Iterator[Chunk]:
         if self.first is not None:
@@ -97,30 +146,45 @@ class ChunkedRows:
             self.first = None
         yield from self.chunks
 
-    def _iterate(self) -> Generator[tuple[int, Row], None, None]:
+    def _work(self, chunk: Chunk, fast: FastLoader | None) -> Loaded:
+        """One slice, in a worker thread: the fast loader, else calamine's rows."""
+        if fast is not None:
+            lines = fast(chunk, self._skip)
+            if lines is not None:
+                return lines
+        book = chunk_workbook(self.skeleton, self.info.sheet_part, self.splitter.prolog,
+                              chunk.body, self.closing)
+        return _load(book, self.info.sheet_name)
+
+    def _iterate(self) -> Generator[Iterator[tuple[int, Row]] | ArrowLines, None, None]:
         width = 0
-        sheet = self.info.sheet_name
-        closing = self.splitter.closing()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="calamine") as pool:
-            pending: deque[Future[tuple[tuple[int, int] | None, list[Row]]]] = deque()
+            pending: deque[Future[Loaded]] = deque()
             chunks = self._all_chunks()
 
             def submit() -> None:
-                while len(pending) < AHEAD:
+                while len(pending) < (AHEAD if self._decided else 1):
                     chunk = next(chunks, None)
                     if chunk is None:
                         return
                     if chunk.last_row is not None and chunk.last_row <= self._skip:
                         continue  # committed already: not even parsed
-                    book = chunk_workbook(self.skeleton, self.info.sheet_part,
-                                          self.splitter.prolog, chunk.body, closing)
-                    pending.append(pool.submit(_load, book, sheet))
+                    pending.append(pool.submit(self._work, chunk, self._fast))
 
             try:
-                submit()
-                while pending:
-                    start, rows = pending.popleft().result()
+                while True:
                     submit()
+                    if not pending:
+                        return
+                    loaded = pending.popleft().result()
+                    if self._decided:
+                        submit()
+                    if isinstance(loaded, list):  # the fast loader's runs
+                        self.slices["arrow"] += 1
+                        yield from loaded
+                        continue
+                    self.slices["rows"] += 1
+                    start, rows = loaded
                     if start is None or not rows:
                         continue
                     first_row, first_column = start
@@ -130,7 +194,7 @@ class ChunkedRows:
                         lead = [""] * first_column
                         rows = [lead + row + [""] * (width - first_column - len(row))
                                 for row in rows]
-                    yield from zip(itertools.count(first_row + 1), rows)
+                    yield zip(itertools.count(first_row + 1), rows)
                     del rows
             finally:
                 for future in pending:

@@ -62,6 +62,9 @@ def child_env() -> dict[str, str]:
     # openpyxl would switch to defusedxml when importable: ~30% slower for no
     # gain with expat >= 2.4 (checked in the child).
     env["OPENPYXL_DEFUSEDXML"] = "False"
+    # The Arrow fast path: malloc instead of pyarrow's mimalloc/jemalloc pools, whose
+    # up-front address-space reservations count against the child's RLIMIT_AS.
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "system"
     return env
 
 
@@ -170,6 +173,8 @@ class ExcelSource:
             state.error = str(value["reason"])
         elif kind == framing.DONE:
             state.done = True
+            if isinstance(value.get("slices"), dict):  # how many slices took which path
+                self.facts["slices"] = {str(k): int(v) for k, v in value["slices"].items()}
 
 
 @dataclass
