@@ -763,7 +763,9 @@ class KindRule:
     in C where the column has the one shape a reader produces, and hands every
     other value to the scalar converter, so both paths give the same field text
     and the same rejects (``tests/test_migrate_coerce.py`` and
-    ``tests/test_migrate_equivalence.py`` check that).
+    ``tests/test_migrate_equivalence.py`` check that). The Excel child's third path,
+    over Arrow arrays, is :data:`.coerce_arrow.ARROW_RULES`, keyed by the same kinds:
+    it converts only what gives these rules' text, and declines the rest to them.
     """
 
     scalar: Callable[[ColumnType, bool], Converter]  # (column type, date1904)

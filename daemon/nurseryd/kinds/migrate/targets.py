@@ -83,8 +83,9 @@ class MigrationSettings:
     #: too, not only by rows, whatever a hostile file puts in its cells.
     batch_bytes: int = 8 * 1024**2
     timezone: str = "UTC"
-    #: "auto" (python-calamine slice by slice; a sheet that cannot be cut: calamine
-    #: whole when it fits the budget, else openpyxl), "calamine-stream",
+    #: "auto" (slice by slice, each slice through fastexcel/Arrow where it can, else as
+    #: python-calamine rows; a sheet that cannot be cut: calamine whole when it fits the
+    #: budget, else openpyxl), "arrow-stream", "calamine-stream" (slices, rows only),
     #: "calamine" (whole sheet) or "openpyxl".
     reader: str = "auto"
     #: Sheet XML per slice for calamine-stream: memory of the parser grows with
