@@ -25,6 +25,7 @@ TOTAL = b"T"  # {"total": data rows expected}
 BATCH = b"B"  # a SourceBatch: meta {"position", "rows_seen", "written", "rejects"} + payload
 ERROR = b"E"  # {"reason", "kind"}
 DONE = b"D"  # {"last_row"}
+PLAN = b"P"  # the database reader's key ranges: {"shards": [{"after", "rows", "until"}, ...]}
 
 _HEAD = struct.Struct(">cI")
 _META = struct.Struct(">I")
