@@ -326,7 +326,7 @@ class _Relay:
                         process.kill()
                     return
 
-    async def handle(self, kind: bytes, body: bytes) -> None:
+    async def handle(self, kind: bytes, body: bytes | bytearray) -> None:
         progress, shard = self.progress, self.shard
         if kind == framing.BATCH:
             batch = framing.decode_batch(body)
