@@ -890,3 +890,44 @@ async def test_a_crashed_reader_child_fails_the_job_and_stops_the_others(
     assert killed and all(gone(pid) for pid in source.pids)
     committed = await target_db.fetchval("SELECT checkpoint FROM jobs WHERE id = $1", ctx.job_id)
     assert await target_db.fetchval("SELECT count(*) FROM chats") == committed["processed"]
+
+
+def test_a_batch_frame_carries_its_payload_uncopied_and_arrives_whole() -> None:
+    """The child writes the payload object it built (a view, a bytearray, any
+    buffer) as a frame piece, not a copy of it; the daemon cuts the frame back out
+    of pieces of any size, body equal byte for byte, whatever the split."""
+    import os
+
+    from nurseryd.kinds.migrate.coerce import RejectRecord
+    from nurseryd.kinds.migrate.sources import framing
+    from nurseryd.kinds.migrate.sources.base import SourceBatch
+
+    text = bytearray(b"".join(b"%d\trow %d\n" % (i, i) for i in range(5000)))
+    payload = memoryview(text)[10:]
+    batch = SourceBatch(payload, 4999, 5000, [RejectRecord(7, "chat_id", "bad", {})],
+                        {"after": [5000], "rows": 5000})
+    pieces = framing.encode_batch(batch)
+    assert pieces[-1] is payload  # written from where it was built
+    read, write = os.pipe()
+    try:
+        out = framing.Output(write)
+        out.write(*pieces)
+        out.send(framing.DONE, {"rows": 5000})
+        os.close(write)
+        stream = b""
+        while chunk := os.read(read, 1 << 20):
+            stream += chunk
+    finally:
+        os.close(read)
+    for piece in (1, 5, 4096, len(stream)):
+        frames = framing.FrameBuffer()
+        got = []
+        for start in range(0, len(stream), piece):
+            frames.feed(stream[start:start + piece])
+            while (frame := frames.next_frame()) is not None:
+                got.append(frame)
+        assert [kind for kind, _ in got] == [framing.BATCH, framing.DONE]
+        again = framing.decode_batch(got[0][1])
+        assert bytes(again.payload) == bytes(payload)
+        assert (again.written, again.rejects, again.position) == \
+            (4999, batch.rejects, {"after": [5000], "rows": 5000})

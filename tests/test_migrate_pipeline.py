@@ -253,3 +253,34 @@ async def test_total_is_never_below_the_rows_seen(db: Database) -> None:
     assert totals[0] == 10 and totals[-1] == 250 and len(totals) >= 3  # raised mid-way too
     assert all(later >= earlier for earlier, later in zip(totals, totals[1:], strict=False))
     assert ctx.counters == {"total": 250, "processed": 250, "failed": 0}
+
+
+def test_merged_batches_keep_their_own_payloads_and_stop_at_the_byte_bound() -> None:
+    """Batches merged into one transaction are COPYed as their several payloads
+    (the same objects, never joined into a second copy), and a queue of wide
+    batches is merged only up to MAX_MERGED_BYTES, not only up to the row bound."""
+    from nurseryd.kinds.migrate import pipeline
+    from nurseryd.kinds.migrate.sources.base import SourceBatch, SourceEvent
+
+    texts = [b"".join(b"%d\tx\n" % (i * 10 + j) for j in range(10)) for i in range(3)]
+    batches = [SourceBatch(memoryview(text), 10, 10, [], i) for i, text in enumerate(texts)]
+    merged = pipeline.merge_batches(batches)
+    assert all(mine is batch.payload for mine, batch in zip(merged.payloads, batches,
+                                                              strict=True))
+    assert (merged.written, merged.rows_seen, merged.position) == (30, 30, 2)
+    import asyncio
+
+    async def feed() -> list[bytes]:  # the asyncio side, as asyncpg drives it
+        return [bytes(piece) async for piece in pipeline.copy_slices(*merged.payloads)]
+
+    fed = asyncio.run(feed())
+    assert b"".join(fed) == b"".join(texts)
+
+    wide = pipeline.MAX_MERGED_BYTES // 2 + 1
+    send, receive = trio.open_memory_channel[SourceEvent](10)
+    for position in range(4):
+        send.send_nowait(SourceBatch(b"x" * wide, 1, 1, [], position))
+    first = receive.receive_nowait()
+    assert isinstance(first, SourceBatch)
+    taken, _ = pipeline._take_ready(first, receive)
+    assert [batch.position for batch in taken] == [0, 1]  # 2 rows, far below the row bound

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 import trio
@@ -37,6 +37,9 @@ from .coerce import RejectRecord
 from .sources.base import Header, Source, SourceBatch, SourceError, SourceEvent, Total
 from .targets import Target, migration_settings
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
@@ -46,8 +49,11 @@ STAGE_TABLE = "nurseryd_stage"
 COPY_SLICE = 256 * 1024
 #: Batches the source may work ahead (each ~1-2 MB of COPY text for 5000 rows).
 QUEUE_BATCHES = 4
-#: Upper bound of rows written in one transaction when batches queue up.
+#: Upper bounds of rows, and of COPY text, written in one transaction when
+#: batches queue up: the rows bound keeps a transaction's work (and a failed
+#: one's redo) small, the bytes bound does so for wide rows too.
 MAX_MERGED_ROWS = 40_000
+MAX_MERGED_BYTES = 32 * 1024**2
 
 
 COUNTER_NAMES = ("processed", "failed", "inserted", "updated", "unchanged")
@@ -116,17 +122,21 @@ class LoadPlan:
         return cls(tuple(columns), create_stage, upsert, timezone, schema, table, is_empty)
 
 
-async def copy_slices(payload: bytes | memoryview) -> AsyncIterator[bytes]:
-    """The COPY feeder: ``payload`` in :data:`COPY_SLICE` slices, yielding in between.
+async def copy_slices(*payloads: Buffer) -> AsyncIterator[memoryview]:
+    """The COPY feeder: the ``payloads`` one after the other, in :data:`COPY_SLICE`
+    slices, yielding in between.
 
     Each yield gives the event loop's other tasks (HTTP requests, heartbeats, a
     cancellation) a turn, so one large batch never freezes the loop, and a cancel
-    lands within a slice; the batch's transaction then rolls back.
+    lands within a slice; the batch's transaction then rolls back. The slices are
+    views (asyncpg copies each into its send buffer), and merged batches are fed
+    as their several payloads, so the COPY text is never joined or copied here.
     """
-    view = memoryview(payload)
-    for start in range(0, len(view), COPY_SLICE):
-        yield bytes(view[start:start + COPY_SLICE])
-        await asyncio.sleep(0)
+    for payload in payloads:
+        view = memoryview(payload).cast("B")
+        for start in range(0, view.nbytes, COPY_SLICE):
+            yield view[start:start + COPY_SLICE]
+            await asyncio.sleep(0)
 
 
 @dataclass
@@ -143,20 +153,25 @@ class LoadMode:
     direct: bool = False
 
 
-async def _write_rows(conn: asyncpg.Connection, plan: LoadPlan, payload: bytes | memoryview,
+async def _write_rows(conn: asyncpg.Connection, plan: LoadPlan, payloads: Sequence[Buffer],
                       written: int, mode: LoadMode) -> tuple[int, int]:
     """COPY (direct or via the stage + upsert); returns (inserted, updated)."""
+
+    def source() -> AsyncIterable[bytes]:
+        # asyncpg takes any buffer from the iterable (its stub says bytes).
+        return cast("AsyncIterable[bytes]", copy_slices(*payloads))
+
     if mode.direct:
         try:
             async with conn.transaction():  # a savepoint
                 await conn.copy_to_table(plan.table, schema_name=plan.schema,
-                                         source=copy_slices(payload), columns=list(plan.columns),
+                                         source=source(), columns=list(plan.columns),
                                          format="text")
             return written, 0
         except asyncpg.UniqueViolationError:
             mode.direct = False
     await conn.execute(plan.create_stage)
-    await conn.copy_to_table(STAGE_TABLE, source=copy_slices(payload), columns=list(plan.columns),
+    await conn.copy_to_table(STAGE_TABLE, source=source(), columns=list(plan.columns),
                              format="text")
     row = await conn.fetchrow(plan.upsert)
     assert row is not None  # an aggregate without GROUP BY yields exactly one row
@@ -182,7 +197,7 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, ctx: JobContext,
     if batch.written:
         try:
             async with conn.transaction():  # a savepoint
-                inserted, updated = await _write_rows(conn, plan, batch.payload, batch.written,
+                inserted, updated = await _write_rows(conn, plan, batch.payloads, batch.written,
                                                       mode)
         except asyncpg.CardinalityViolationError:
             # A key repeated across merged batches (each batch is deduplicated by
@@ -191,7 +206,7 @@ async def apply_batch(conn: asyncpg.Connection, plan: LoadPlan, ctx: JobContext,
             for part in batches:
                 if part.written:
                     await conn.execute(f"DROP TABLE IF EXISTS {STAGE_TABLE}")
-                    one_inserted, one_updated = await _write_rows(conn, plan, part.payload,
+                    one_inserted, one_updated = await _write_rows(conn, plan, [part.payload],
                                                                   part.written, mode)
                     inserted += one_inserted
                     updated += one_updated
@@ -215,12 +230,22 @@ def _rejects_cap(ctx: JobContext) -> int:
     return migration_settings(ctx.settings).max_stored_rejects
 
 
-def merge_batches(batches: Sequence[SourceBatch]) -> SourceBatch:
-    """Several consecutive batches as one (one transaction instead of several)."""
-    if len(batches) == 1:
-        return batches[0]
-    payload = b"".join(bytes(b.payload) for b in batches)
-    return SourceBatch(payload=payload, written=sum(b.written for b in batches),
+@dataclass
+class MergedBatch:
+    """Several consecutive batches written as one (one transaction instead of
+    several). Their COPY texts stay the batches' own, in order: joining them would
+    hold a second copy of every queued row while the transaction runs."""
+
+    payloads: list[Buffer]
+    written: int
+    rows_seen: int
+    rejects: list[RejectRecord]
+    position: Any
+
+
+def merge_batches(batches: Sequence[SourceBatch]) -> MergedBatch:
+    return MergedBatch(payloads=[b.payload for b in batches if b.written],
+                       written=sum(b.written for b in batches),
                        rows_seen=sum(b.rows_seen for b in batches),
                        rejects=[r for b in batches for r in b.rejects],
                        position=batches[-1].position)
@@ -307,7 +332,8 @@ def _take_ready(first: SourceBatch, receive: trio.MemoryReceiveChannel[SourceEve
     batches = [first]
     others: list[SourceEvent] = []
     rows = first.rows_seen
-    while rows < MAX_MERGED_ROWS:
+    size = len(first.payload)
+    while rows < MAX_MERGED_ROWS and size < MAX_MERGED_BYTES:
         try:
             event = receive.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
@@ -315,6 +341,7 @@ def _take_ready(first: SourceBatch, receive: trio.MemoryReceiveChannel[SourceEve
         if isinstance(event, SourceBatch):
             batches.append(event)
             rows += event.rows_seen
+            size += len(event.payload)
         else:
             others.append(event)
     return batches, others

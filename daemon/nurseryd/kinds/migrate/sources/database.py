@@ -50,7 +50,6 @@ from ..coerce import ColumnSpec
 from ..source_config import DatabaseSourceConfig, SecretMissing, sqlite_path
 from . import framing
 from .base import Header, SourceError, SourceEvent, Total
-from .database_child import PLAN
 from .db_readers import APPLICATION_NAME, ErrorClass, classify_pg_error, classify_sqlite_error
 
 __all__ = ["APPLICATION_NAME", "DatabaseSource", "ErrorClass", "classify_pg_error",
@@ -327,7 +326,7 @@ class _Relay:
                         process.kill()
                     return
 
-    async def handle(self, kind: bytes, body: bytes) -> None:
+    async def handle(self, kind: bytes, body: bytes | bytearray) -> None:
         progress, shard = self.progress, self.shard
         if kind == framing.BATCH:
             batch = framing.decode_batch(body)
@@ -359,7 +358,7 @@ class _Relay:
             progress.counted = True
             async with progress.lock:
                 await self.send.send(Total(int(value["total"])))
-        elif kind == PLAN:
+        elif kind == framing.PLAN:
             self.plan(value["shards"])
         elif kind == framing.ERROR:
             self.failure = Failure(str(value["kind"]), str(value["reason"]))

@@ -62,10 +62,6 @@ def make_reader(spec: dict[str, Any]) -> Reader:
     return PostgresReader(reader_spec)
 
 
-#: A frame of this child only: the key ranges it cut (``{"shards": [range, ...]}``).
-PLAN = b"P"
-
-
 async def stream(reader: Reader, spec: dict[str, Any], out: Output) -> None:
     """One session: header, total (when asked), the plan (when asked), then every
     page of its key range, ``spec["after"] < key <= spec["until"]``."""
@@ -95,7 +91,7 @@ async def stream(reader: Reader, spec: dict[str, Any], out: Output) -> None:
             if keys_decide_target_keys(names, reader.key_names, columns) else []
         if not ranges:
             ranges = [{"after": after, "rows": done, "until": None}]
-        out.send(PLAN, {"shards": ranges})
+        out.send(framing.PLAN, {"shards": ranges})
         until = ranges[0]["until"]
     parent = os.getppid()
     while True:
