@@ -154,7 +154,7 @@ class ExcelSource:
                 if state.error is not None:
                     return
 
-    async def _handle(self, kind: bytes, body: bytes,
+    async def _handle(self, kind: bytes, body: bytes | bytearray,
                       send: trio.MemorySendChannel[SourceEvent], state: _RunState) -> None:
         if kind == framing.BATCH:
             await send.send(framing.decode_batch(body))
