@@ -44,6 +44,7 @@ from tests.source_dbs import (
     plain_settings,
     settings_with,
 )
+from tests.test_migrate_excel import cut_frames
 
 
 def source_for(settings: Settings, name: str, **overrides: Any) -> DatabaseSource:
@@ -920,12 +921,7 @@ def test_a_batch_frame_carries_its_payload_uncopied_and_arrives_whole() -> None:
     finally:
         os.close(read)
     for piece in (1, 5, 4096, len(stream)):
-        frames = framing.FrameBuffer()
-        got = []
-        for start in range(0, len(stream), piece):
-            frames.feed(stream[start:start + piece])
-            while (frame := frames.next_frame()) is not None:
-                got.append(frame)
+        got = cut_frames(stream, piece)
         assert [kind for kind, _ in got] == [framing.BATCH, framing.DONE]
         again = framing.decode_batch(got[0][1])
         assert bytes(again.payload) == bytes(payload)

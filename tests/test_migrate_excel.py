@@ -365,18 +365,26 @@ async def test_batches_of_wide_rows_are_bounded_by_bytes_not_only_rows(
         == 400
 
 
+def cut_frames(stream: bytes, piece: int) -> list[tuple[bytes, bytes | bytearray]]:
+    """The frames a FrameBuffer cuts out of ``stream`` fed ``piece`` bytes at a time."""
+    from nurseryd.kinds.migrate.sources import framing
+
+    frames = framing.FrameBuffer()
+    got = []
+    for start in range(0, len(stream), piece):
+        frames.feed(stream[start:start + piece])
+        while (frame := frames.next_frame()) is not None:
+            got.append(frame)
+    return got
+
+
 def test_frames_are_cut_out_as_their_bytes_arrive() -> None:
     """The children's output in arbitrary pieces gives back exactly the frames sent."""
     from nurseryd.kinds.migrate.sources import framing
 
     stream = framing.encode(framing.INFO, {"a": 1}) + framing.encode(framing.DONE, {"b": "é"})
     for piece in (1, 3, 7, len(stream)):
-        frames = framing.FrameBuffer()
-        got = []
-        for start in range(0, len(stream), piece):
-            frames.feed(stream[start:start + piece])
-            while (frame := frames.next_frame()) is not None:
-                got.append(frame)
+        got = cut_frames(stream, piece)
         assert [(kind, json.loads(body)) for kind, body in got] == \
             [(framing.INFO, {"a": 1}), (framing.DONE, {"b": "é"})]
     hostile = framing.FrameBuffer()
