@@ -24,6 +24,7 @@ own process).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -88,12 +89,11 @@ def text_rule(values: pa.Array, column: ColumnType) -> pa.Array | None:
     elif pa.types.is_boolean(kind):
         text = pc.cast(values, pa.string())
     elif pa.types.is_floating(kind):
-        present = pc.drop_null(values)
-        if len(present) and not (_all(pc.is_finite(present))
-                                 and _all(pc.equal(pc.floor(present), present))
-                                 and pc.max(pc.abs(present)).as_py() < _INT_TEXT_LIMIT):
-            return None  # fractions and huge numbers print as repr() there
-        text = pc.cast(pc.cast(values, pa.int64()), pa.string())
+        # The row path prints int(v) when abs(v) < 1e16, repr(v) otherwise (not ours).
+        whole = _whole_numbers(values, math.nextafter(-_INT_TEXT_LIMIT, 0), _INT_TEXT_LIMIT)
+        if whole is None:
+            return None
+        text = pc.cast(whole, pa.string())
     elif pa.types.is_integer(kind):
         text = pc.cast(values, pa.string())
     else:

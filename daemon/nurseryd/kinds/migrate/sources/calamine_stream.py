@@ -77,13 +77,9 @@ FastLoader = Callable[[Chunk, int], "list[ArrowLines] | None"]
 
 
 class ChunkedRows:
-    """An iterator of ``(row number, values)`` over a sheet, one slice at a time.
-
-    :meth:`segments` is the same stream as runs of rows (one per slice) and, once
-    :meth:`use_fast` gave a loader, :class:`~..coerce_arrow.ArrowLines` for the
-    slices that loader could take. Iterating the object itself flattens the row
-    runs (the header search and the whole-sheet interface).
-    """
+    """A sheet one slice at a time: :meth:`segments` yields, in sheet order, a run of
+    ``(row number, values)`` per slice read as rows and, once :meth:`use_fast`
+    gave a loader, :class:`~..coerce_arrow.ArrowLines` for the slices it took."""
 
     def __init__(self, path: str, info: WorkbookInfo, *, chunk_bytes: int = CHUNK_BYTES,
                  workers: int = WORKERS) -> None:
@@ -106,7 +102,6 @@ class ChunkedRows:
         self._fast: FastLoader | None = None
         self._decided = False
         self._segments = self._iterate()
-        self._rows = itertools.chain.from_iterable(self._row_runs())
 
     def skip_through(self, row: int) -> None:
         """Slices that end at or before ``row`` need not be parsed (resume)."""
@@ -124,21 +119,9 @@ class ChunkedRows:
     def segments(self) -> Iterator[Iterator[tuple[int, Row]] | ArrowLines]:
         return self._segments
 
-    def __iter__(self) -> ChunkedRows:
-        return self
-
-    def __next__(self) -> tuple[int, Row]:
-        return next(self._rows)
-
     def close(self) -> None:
         self._segments.close()
         self.archive.close()
-
-    def _row_runs(self) -> Iterator[Iterator[tuple[int, Row]]]:
-        for segment in self._segments:
-            if not isinstance(segment, zip):
-                raise RuntimeError("Arrow lines while iterating rows: use segments()")
-            yield segment
 
     def _all_chunks(self) -> Iterator[Chunk]:
         if self.first is not None:

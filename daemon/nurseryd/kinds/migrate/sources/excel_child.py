@@ -8,9 +8,11 @@ and the daemon stays up. It is also what lets parsing run on another core while
 the daemon streams the previous batch into PostgreSQL (a thread gains <= 4%:
 the GIL).
 
-Which reader: python-calamine slice by slice (:mod:`.calamine_stream`) unless
-the sheet cannot be cut safely; then the whole-sheet choice of
-:func:`choose_reader` (calamine when its estimate fits the budget, else openpyxl).
+Which reader: the sheet slice by slice (:mod:`.calamine_stream`), each slice
+after the header's through fastexcel into Arrow columns where the slice allows
+(:mod:`.arrow_slices`), else as python-calamine rows; a sheet that cannot be cut
+safely gets the whole-sheet choice of :func:`choose_reader` (calamine when its
+estimate fits the budget, else openpyxl).
 
 Input: one JSON object on stdin (path, sheet, target columns, caps, resume
 position...). Output: frames on stdout (see :mod:`.framing`): info, header,
@@ -80,7 +82,8 @@ def choose_reader(info: WorkbookInfo, configured: str, budget: int) -> str:
 
 
 def open_rows(path: str, info: WorkbookInfo, configured: str, budget: int, *,
-              slice_bytes: int = CHUNK_BYTES) -> tuple[str, Iterator[tuple[int, Any]], int | None]:
+              slice_bytes: int = CHUNK_BYTES,
+              ) -> tuple[str, Iterator[tuple[int, Any]] | ChunkedRows, int | None]:
     """(reader name, numbered rows, last row number if known) for the sheet.
 
     ``auto`` reads python-calamine slice by slice (:mod:`.calamine_stream`):
@@ -158,19 +161,12 @@ class BatchSize:
             self.rows = min(self.limit, max(self.rows, rows) * 2)
 
 
-def _fast_loader(rows: ChunkedRows, emit: Emitter, configured: str) -> FastLoader | None:
-    """The Arrow loader for the matched header, or None when the fast path cannot run
-    (pyarrow/fastexcel missing, the reader configured otherwise, a column kind
-    without an Arrow rule)."""
-    if configured not in ("auto", ARROW_READER):
-        return None
-    try:
-        from ..coerce_arrow import ArrowCoercer
-        from .arrow_slices import ArrowSliceLoader
-    except ImportError:
-        if configured == ARROW_READER:
-            raise
-        return None
+def _fast_loader(rows: ChunkedRows, emit: Emitter) -> FastLoader | None:
+    """The Arrow loader for the matched header, or None when a column's kind has no
+    Arrow rule (then every slice is read as rows)."""
+    from ..coerce_arrow import ArrowCoercer
+    from .arrow_slices import ArrowSliceLoader
+
     assert emit.matched is not None
     coercer = ArrowCoercer(emit.matched)
     if not coercer.possible:
@@ -280,7 +276,8 @@ def run(spec: dict[str, Any], out: Output) -> None:
     if declared is not None:
         out.send(framing.TOTAL, {"total": max(declared - 1, 0)})
 
-    segments: Iterator[Segment] = chunked.segments() if chunked is not None else iter([rows])
+    segments: Iterator[Segment] = (rows.segments() if isinstance(rows, ChunkedRows)
+                                   else iter([rows]))
     header_row, header, segments = _find_header(segments)
     if not header_row:
         raise WorkbookRejected(f"sheet {info.sheet_name!r} is empty: no header row found")
@@ -293,8 +290,7 @@ def run(spec: dict[str, Any], out: Output) -> None:
     batches = _Batches(spec, out, emit, info, header_row, caps)
     if chunked is not None:
         chunked.skip_through(batches.start_after)
-        chunked.use_fast(_fast_loader(chunked, emit, configured)
-                         if reader == ARROW_READER else None)
+        chunked.use_fast(_fast_loader(chunked, emit) if reader == ARROW_READER else None)
     batches.rows(segments)
     done: dict[str, Any] = {"last_row": batches.last_seen}
     if chunked is not None:

@@ -28,7 +28,7 @@ HEADER = b"H"  # {"columns": [...], "ignored": [...], "header_row": n}
 TOTAL = b"T"  # {"total": data rows expected}
 BATCH = b"B"  # a SourceBatch: meta {"position", "rows_seen", "written", "rejects"} + payload
 ERROR = b"E"  # {"reason", "kind"}
-DONE = b"D"  # {"last_row"}
+DONE = b"D"  # {"last_row"}; the Excel child adds {"slices": {"arrow": n, "rows": m}}
 PLAN = b"P"  # the database reader's key ranges: {"shards": [{"after", "rows", "until"}, ...]}
 
 _HEAD = struct.Struct(">cI")
